@@ -1,0 +1,38 @@
+# llm-limits: two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Compiled DeepSpeed ops are cached here, so they build once per machine, not once per run.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast validate clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv (if missing) and install llm-limits with its pinned dependencies
+
+demo: $(STAMP)  ## train the baseline recipe on the CPU and print the limits before and after
+	$(VENV)/bin/llm-limits train recipes/baseline/tiny-lm.yaml
+
+test: $(STAMP)  ## the whole suite (what CI runs)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process tests
+	$(PY) -m pytest -m "not slow"
+
+validate: $(STAMP)  ## validate every recipe
+	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
+
+clean:  ## remove run outputs (not the venv)
+	rm -rf runs wandb lightning_logs .pytest_cache

@@ -1,0 +1,18 @@
+"""Task generators and loaders: the one source of data shapes for training and evaluation."""
+
+
+class TaskDataError(ValueError):
+    """Bad task data from a user's file. The message is one line naming the file, the line and what was expected:
+    ``data.jsonl:3: not valid JSON (Expecting ',' delimiter)``."""
+
+
+# Imported after TaskDataError: the task modules import it from this package.
+from evals.tasks import synthetic_text  # noqa: E402
+from evals.tasks.synthetic_text import SyntheticTextConfig  # noqa: E402
+
+TASKS = {
+    "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),
+}
+"""Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
+
+__all__ = ["TASKS", "SyntheticTextConfig", "TaskDataError"]

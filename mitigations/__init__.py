@@ -1,0 +1,11 @@
+"""Training-time mitigations, registered by name in one dict (no plugin system, no import-time magic)."""
+
+from mitigations.base import Mitigation, MitigationConfig, StepContext
+from mitigations.noop import NoOp
+
+MITIGATIONS: dict[str, type[Mitigation]] = {
+    "noop": NoOp,
+}
+"""``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
+
+__all__ = ["MITIGATIONS", "Mitigation", "MitigationConfig", "StepContext"]

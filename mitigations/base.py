@@ -1,0 +1,119 @@
+"""The mitigation interface: a pure functional core (``core.py``) behind a small hook object.
+
+A backend (``trainers/``) builds each mitigation from its recipe entry and calls the hooks in this order:
+
+1. ``setup(model, tokenizer)`` once, after the model is built and before the optimizer is made; it may change the
+   model in place (e.g. swap the attention function) and returns it.
+2. per optimizer micro-step: ``transform_batch(batch, ctx)`` (in list order, each sees the previous one's output),
+   the forward pass, then ``extra_loss(outputs, batch, ctx)`` whose non-``None`` results are added to the LM loss.
+3. ``reward_fns()`` when an RL backend builds its reward list (TRL's ``reward_funcs`` signature).
+4. ``state_dict()`` into every checkpoint and ``load_state_dict()`` on resume, so a curriculum continues exactly.
+
+This module imports torch only: never Lightning, TRL, ``trainers`` or ``evals`` (the dependency rule of
+docs/architecture.md). Domain pieces (a verifier, a retriever) are injected by ``trainers/`` through the
+constructor's keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+Batch = dict[str, torch.Tensor]
+"""A causal-LM batch: ``input_ids``, ``attention_mask``, ``labels`` each ``[batch, seq]``; optional
+``position_ids`` ``[batch, seq]``."""
+
+
+def _no_log(name: str, value: float) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a hook may know about the run at one training step. Frozen: hooks read it, never write it."""
+
+    step: int
+    """Optimizer steps completed so far (0 at the first batch)."""
+    max_steps: int
+    """Optimizer steps the run will take in total."""
+    tokens_seen: int = 0
+    """Non-padding training tokens consumed before this batch, summed over all ranks."""
+    log: Callable[[str, float], None] = field(default=_no_log, compare=False, repr=False)
+    """``log("positional/seq_len", 128.0)``: a scalar metric at this step (the backend prefixes nothing)."""
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.max_steps))
+
+
+@dataclass
+class MitigationConfig:
+    """Fields every mitigation's config has. A mitigation's own ``Config`` subclasses this dataclass, one typed field
+    per knob with its doc string under it."""
+
+    enabled: bool = True
+    """Switch the whole mitigation off without deleting it from the recipe (ablations flip this)."""
+
+
+class Mitigation:
+    """Base class: every hook is a no-op, so a mitigation overrides only what it needs."""
+
+    name: ClassVar[str] = "base"
+    """Registry key, the ``name:`` of the recipe entry."""
+    summary: ClassVar[str] = ""
+    """One line for ``llm-limits ls``."""
+    limit: ClassVar[str] = ""
+    """The limit this mitigation addresses (``context``, ``reasoning``, ``retrieval``, ``hallucination``,
+    ``multimodal``); its paired evals declare the same name."""
+    Config: ClassVar[type[MitigationConfig]] = MitigationConfig
+
+    def __init__(self, config: MitigationConfig | None = None, **injected: Any) -> None:
+        self.config = config if config is not None else self.Config()
+        self.injected = injected
+
+    # --- hooks -------------------------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> torch.nn.Module:
+        """Called once before the optimizer is built. Returns the (possibly modified) model."""
+        return model
+
+    def transform_batch(self, batch: Batch, ctx: StepContext) -> Batch:
+        """Return the batch the model will see at this step (``[batch, seq]`` tensors). Must not modify in place."""
+        return batch
+
+    def extra_loss(self, outputs: Any, batch: Batch, ctx: StepContext) -> torch.Tensor | None:
+        """A scalar added to the LM loss, or ``None``. ``outputs`` is the model's output (``.loss``, ``.logits``
+        ``[batch, seq, vocab]``, hidden states when the mitigation asked for them)."""
+        return None
+
+    def reward_fns(self) -> list[Callable[..., list[float]]]:
+        """Reward functions in TRL's signature ``f(completions, **kwargs) -> list[float]``."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly after a resume (curriculum position, counters, RNG state)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        return None
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self.config, "enabled", True))
+
+    def describe(self) -> dict[str, Any]:
+        """The config as a plain dict (for the run report and wandb config)."""
+        return dataclasses.asdict(self.config)
+
+
+def hooks_overridden(mitigation: Mitigation) -> list[str]:
+    """Names of the hooks a mitigation implements (for logs and ``llm-limits ls``)."""
+    names = ["setup", "transform_batch", "extra_loss", "reward_fns", "state_dict", "load_state_dict"]
+    return [n for n in names if getattr(type(mitigation), n) is not getattr(Mitigation, n)]

@@ -1,0 +1,464 @@
+"""The recipe schema: one YAML = name, seed, model, data, trainer, mitigations, evals, tracking, output_dir.
+
+Everything is validated before anything runs, and every mistake becomes one :class:`UserError` line that names the
+file, the field path and what was expected::
+
+    recipes/x.yaml: trainer.max_steps: expected an integer >= 1 (got -5)
+    recipes/x.yaml: trainer.max_step: unknown key (did you mean max_steps?)
+
+The fixed sections are pydantic models. Mitigation and eval entries are validated against the ``Config`` dataclass of
+the registered class (``mitigations.MITIGATIONS`` / ``evals.EVALS``), which stays free of pydantic: a strict pydantic
+model is generated from the dataclass here, in the composition root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from evals import EVALS
+from evals.tasks import TASKS
+from mitigations import MITIGATIONS
+from trainers.errors import UserError
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; field doc strings become the schema's descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class TokenizerSpec(Strict):
+    kind: Literal["char", "pretrained"] = "char"
+    """``char``: a character tokenizer made locally; ``pretrained``: load one from ``path``."""
+    path: str | None = None
+    """Local directory of a Hugging Face tokenizer (kind ``pretrained``; defaults to ``model.path``)."""
+    alphabet: str | None = None
+    """Characters of the ``char`` tokenizer (default: printable ASCII)."""
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(16, ge=1)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+
+
+class ModelSpec(Strict):
+    model_type: str | None = None
+    """Build a fresh model of this transformers type from ``config`` (``llama``, ``qwen2``, ``gpt2``...)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the model type's config class (``hidden_size``, ``num_hidden_layers``...)."""
+    path: str | None = None
+    """Load a local Hugging Face model directory (or a hub id already in the local cache) instead."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype when the model is built or loaded."""
+    trust_remote_code: bool = False
+    """Run code shipped with a checkpoint. Off unless you turn it on; logged when on."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel (transformers' ``attn_implementation``); default: transformers' choice."""
+    lora: LoraSpec | None = None
+    """Train LoRA adapters (PEFT) instead of all weights."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.model_type is None) == (self.path is None):
+            raise ValueError("set exactly one of model_type (build from config) or path (load a local model)")
+        if self.path is not None and self.config:
+            raise ValueError("config applies only with model_type; a loaded model keeps its own config")
+        return self
+
+
+class DataSpec(Strict):
+    task: str = "synthetic_text"
+    """Task generator of evals/tasks that makes the training text (ignored when ``path`` is set)."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the task's config (e.g. ``num_docs``, ``doc_chars``)."""
+    path: str | None = None
+    """A JSONL file of ``{"text": ...}`` lines to train on instead of the generator."""
+    seq_len: int = Field(64, ge=8)
+    """Tokens per training sequence (documents are concatenated and cut into blocks of this length)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per micro-batch on each device."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    """Fraction of blocks held out for the validation loss."""
+
+    @model_validator(mode="after")
+    def _known_task(self) -> "DataSpec":
+        if self.path is None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}{_did_you_mean(self.task, TASKS)} (known: {', '.join(TASKS)})")
+        return self
+
+
+Strategy = Literal["auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
+
+
+class TrainerSpec(Strict):
+    backend: Literal["lightning"] = "lightning"
+    """Training backend."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps to train."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear LR warmup steps."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """LR decay after warmup (transformers' schedulers)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Gradient norm clip; null to disable."""
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    """Lightning precision."""
+    accelerator: Literal["cpu", "gpu", "auto"] = "cpu"
+    """Where to train."""
+    devices: int = Field(1, ge=1)
+    """Processes (CPU) or GPUs per node."""
+    num_nodes: int = Field(1, ge=1)
+    """Nodes."""
+    strategy: Strategy = "auto"
+    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (CUDA only with this backend)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Periodic checkpoints kept (plus ``last.ckpt``)."""
+    log_every: int = Field(5, ge=1)
+    """Log training metrics every N optimizer steps."""
+    val_every: int = Field(0, ge=0)
+    """Validation loss every N optimizer steps (0: once, at the end)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> "TrainerSpec":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps must be < max_steps (got {self.warmup_steps} >= {self.max_steps})")
+        return self
+
+
+class EntrySpec(Strict):
+    """A mitigation or eval entry; its other keys are checked against the registered class's ``Config``."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class EvalEntrySpec(EntrySpec):
+    when: list[Literal["before", "after"]] = Field(default_factory=lambda: ["before", "after"])
+    """When the eval runs: before training, after, or both (the limit delta needs both)."""
+
+
+class WandbSpec(Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline (default: files under the run directory, sync later), online (needs WANDB_API_KEY), or disabled."""
+    project: str = "llm-limits"
+    entity: str | None = None
+    group: str | None = None
+    """Runs of one comparison share a group (ablations set it)."""
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingSpec(Strict):
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name; runs go to ``<output_dir>/<name>/<time>/``."""
+    seed: int = 0
+    """Seed of weights, data and data order."""
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    mitigations: list[EntrySpec] = Field(default_factory=list)
+    evals: list[EvalEntrySpec] = Field(default_factory=list)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    output_dir: str = "runs"
+    """Root of run directories."""
+
+
+@dataclasses.dataclass
+class ResolvedRecipe:
+    """A validated recipe plus the typed configs of its mitigation and eval entries, in recipe order."""
+
+    recipe: Recipe
+    mitigations: list[tuple[str, Any]]
+    """(name, Config instance) per mitigation entry."""
+    evals: list[tuple[str, Any, list[str]]]
+    """(name, Config instance, when) per eval entry."""
+    source: str
+    """The file it came from (for messages)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe (defaults filled in), as written to the run directory."""
+        return self.recipe.model_dump(mode="json")
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a recipe file into a dict; a missing file or a YAML syntax error is a one-line :class:`UserError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: file not found" if not p.exists() else f"{path}: not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise UserError(f"{path}{where}: YAML syntax error: {e.problem or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read as YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of recipe sections at the top level (got {_kind(data)})")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "command line") -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.path=value`` overrides applied (values parsed as YAML).
+
+    List items are addressed by index: ``mitigations.0.enabled=false``. Missing mapping keys are created, so the
+    schema (not this function) reports a key that does not exist.
+
+    >>> apply_overrides({"trainer": {"max_steps": 5}}, ["trainer.max_steps=50", "model.config.hidden_size=128"])
+    {'trainer': {'max_steps': 50}, 'model': {'config': {'hidden_size': 128}}}
+    """
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"{source}: override {item!r}: expected KEY.PATH=VALUE, e.g. trainer.max_steps=50")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = out
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise UserError(f"{source}: override {item!r}: {here}: expected a list index < {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise UserError(f"{source}: override {item!r}: {'.'.join(parts[:i])} is a {_kind(node)}, not a section")
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> ResolvedRecipe:
+    """Read, override and validate a recipe. Every problem is a one-line :class:`UserError`."""
+    source = str(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return validate_recipe(data, source)
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> ResolvedRecipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_format_error(e, Recipe, data)}") from None
+    mitigations = [
+        (entry.name, _entry_config(entry, i, "mitigations", MITIGATIONS, source))
+        for i, entry in enumerate(recipe.mitigations)
+    ]
+    evals = [
+        (entry.name, _entry_config(entry, i, "evals", EVALS, source), list(entry.when))
+        for i, entry in enumerate(recipe.evals)
+    ]
+    for i, (name, config, _) in enumerate(evals):
+        try:  # an eval may reject a config that is well typed but inconsistent (seq_len not a multiple of buckets)
+            EVALS[name](config).spec()
+        except ValueError as e:
+            raise UserError(f"{source}: evals[{i}]: {e}") from None
+    _check_hardware(recipe, source)
+    return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
+
+
+def _check_hardware(recipe: Recipe, source: str) -> None:
+    """Combinations that cannot run, caught before anything is built."""
+    t = recipe.trainer
+    cuda = _cuda_available()
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not cuda)
+    if t.strategy.startswith("deepspeed") and on_cpu:
+        raise UserError(
+            f"{source}: trainer.strategy: {t.strategy} needs CUDA GPUs with the Lightning backend "
+            "(Lightning's DeepSpeed strategy is CUDA-only); on CPU use strategy: ddp"
+        )
+    if t.accelerator == "gpu" and not cuda:
+        raise UserError(f"{source}: trainer.accelerator: gpu asked for but no CUDA device is visible (use cpu)")
+    if t.precision == "16-mixed" and on_cpu:
+        raise UserError(f"{source}: trainer.precision: 16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- entries against registered dataclass configs --------------------------------------------------------------------
+def _entry_config(entry: EntrySpec, index: int, section: str, registry: dict[str, Any], source: str) -> Any:
+    where = f"{section}[{index}]"
+    if entry.name not in registry:
+        raise UserError(
+            f"{source}: {where}.name: unknown {section[:-1]} {entry.name!r}"
+            f"{_did_you_mean(entry.name, registry)} (known: {', '.join(sorted(registry)) or 'none'})"
+        )
+    config_cls = registry[entry.name].Config
+    params = dict(entry.model_extra or {})
+    model = strict_model_for(config_cls)
+    try:
+        validated = model.model_validate(params)
+    except ValidationError as e:
+        raise UserError(f"{source}: {where}.{_format_error(e, model, params)}") from None
+    return to_dataclass(config_cls, validated)
+
+
+@functools.cache
+def strict_model_for(cls: type) -> type[BaseModel]:
+    """A strict pydantic model mirroring a (possibly nested) stdlib dataclass: same fields, types and defaults,
+    unknown keys forbidden. Nested dataclass fields get their own strict model."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            tp = strict_model_for(tp)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        fields[f.name] = (tp, default)
+    return create_model(
+        f"{cls.__name__}Schema", __config__=ConfigDict(extra="forbid", strict=False, validate_default=False), **fields
+    )
+
+
+def to_dataclass(cls: type, validated: BaseModel) -> Any:
+    """Turn a model made by :func:`strict_model_for` back into the dataclass (recursively)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(validated, f.name)
+        values[f.name] = to_dataclass(hints[f.name], v) if isinstance(v, BaseModel) else v
+    return cls(**values)
+
+
+# --- error formatting ----------------------------------------------------------------------------------------------
+_EXPECTED = {
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list",
+    "missing": "required field is missing",
+}
+
+
+def _format_error(err: ValidationError, model: type[BaseModel], data: Any) -> str:
+    """One line for the first error: ``field.path: what was expected (got X)``."""
+    e = err.errors(include_url=False)[0]
+    loc = [p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before"))]
+    path = _path(loc)
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        known = _known_fields(model, loc[:-1], data)
+        return f"{path}: unknown key{_did_you_mean(str(loc[-1]), known)} (expected one of: {', '.join(known)})"
+    if kind == "literal_error":
+        expected = e.get("ctx", {}).get("expected", "")
+        return f"{path}: expected one of {expected} (got {e['input']!r})"
+    if kind in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        bound = next(iter(e["ctx"].values()))
+        bound = f"{bound:g}" if isinstance(bound, float) else bound
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}[kind]
+        what = "an integer" if isinstance(bound, int) and isinstance(e["input"], int) else "a number"
+        return f"{path}: expected {what} {op} {bound} (got {e['input']!r})"
+    if kind == "string_pattern_mismatch":
+        return f"{path}: expected letters, digits, '_', '-' or '.' (got {e['input']!r})"
+    if kind == "value_error":
+        msg = e["msg"].removeprefix("Value error, ")
+        return f"{path}: {msg}" if path else msg
+    expected = _EXPECTED.get(kind, e["msg"])
+    got = "" if kind == "missing" else f" (got {e['input']!r})"
+    return f"{path}: {expected}{got}" if path else f"{expected}{got}"
+
+
+def _path(loc: list[Any]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _known_fields(model: type[BaseModel], loc: list[Any], data: Any) -> list[str]:
+    """Field names of the (sub)model at ``loc``, for "did you mean"."""
+    cls: Any = model
+    for p in loc:
+        if isinstance(p, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(p)
+        if field is None:
+            return []
+        cls = _model_in(field.annotation)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def describe_schema() -> dict[str, Any]:
+    """The JSON schema of the fixed recipe sections (for docs and editors)."""
+    return Recipe.model_json_schema()
