@@ -1,0 +1,11 @@
+"""Limit evals, registered by name in one dict. Each measures one limit as a curve and reads the limit off it."""
+
+from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, compare, read_limit
+from evals.positional_loss import PositionalLoss
+
+EVALS: dict[str, type[Eval]] = {
+    "positional_loss": PositionalLoss,
+}
+"""``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
+
+__all__ = ["EVALS", "Eval", "EvalConfig", "EvalResult", "LimitSpec", "PositionalLoss", "compare", "read_limit"]

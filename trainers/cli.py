@@ -1,0 +1,173 @@
+"""``llm-limits``: train a recipe, run its evals, validate recipes, list what is registered.
+
+A mistake in the user's own input prints one line ``error: <file>: <field>: <what was expected>`` and exits 2, with no
+traceback. Bugs still raise (a traceback is what a developer needs then).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainers.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Train LLMs against their known limits: each mitigation is paired with an eval that measures its limit "
+    "before and after training.",
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+OVERRIDES_HELP = "Recipe overrides KEY.PATH=VALUE, e.g. trainer.max_steps=50 model.config.hidden_size=128."
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our progress and tables: libraries' info chatter goes to their loggers' WARNING level."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never wait on network retries
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "wandb"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _fail(err: UserError) -> None:
+    err_console.print(f"error: {err}", markup=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit with --resume)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs and CI)."),
+) -> None:
+    """Validate -> build -> eval before -> train -> eval after -> report, into runs/<name>/<time>/."""
+    _quiet_libraries()
+    from trainers import run
+
+    args = list(overrides or [])
+    if resume is not None and recipe is not None:
+        args = [recipe, *args]  # with --resume every positional is an override
+        recipe = None
+    if recipe is None and resume is None:
+        _fail(UserError("train: give a RECIPE file, or --resume RUN_DIR"))
+    if recipe is not None and "=" in recipe:
+        _fail(UserError(f"train: the first argument must be a recipe file (got the override {recipe!r})"))
+    try:
+        run_dir = run.train(recipe or "", args, resume=resume, progress=not no_progress, echo=console.print)
+    except UserError as e:
+        _fail(e)
+    from trainers.lightning_backend import is_rank_zero
+
+    if is_rank_zero():
+        _print_summary(run_dir)
+
+
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="A recipe YAML, or a run directory (then its trained model/ is measured)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A model directory to measure instead."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Run a recipe's evals alone: on the untrained model, a run's trained model, or a checkpoint."""
+    _quiet_libraries()
+    from trainers import run
+
+    try:
+        out = run.evaluate(target, list(overrides or []), checkpoint=checkpoint, progress=not no_progress, echo=console.print)
+    except UserError as e:
+        _fail(e)
+    _print_summary(out)
+
+
+@app.command()
+def validate(recipes: list[str] = typer.Argument(..., help="Recipe YAML files (shell globs welcome).")) -> None:
+    """Check recipes against the schema without building anything; exit 2 if any fails."""
+    from trainers.recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            load_recipe(path)
+        except UserError as e:
+            failed += 1
+            err_console.print(f"error: {e}", markup=False, soft_wrap=True)
+            continue
+        first = Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
+        note = "" if first.startswith("# llm-limits ") else "  (warning: first line is not its launch command)"
+        console.print(f"ok: {path}{note}", markup=False)
+    if failed:
+        err_console.print(f"{failed} of {len(recipes)} recipes failed")
+        raise typer.Exit(2)
+
+
+@app.command("ls")
+def ls() -> None:
+    """List the recipes, mitigations and evals, one line each."""
+    from evals import EVALS
+    from mitigations import MITIGATIONS
+
+    rows: list[tuple[str, str, str, str]] = []
+    root = recipes_dir()
+    for path in sorted(root.rglob("*.yaml")):
+        lines = path.read_text().splitlines()[:2]
+        what = lines[1].lstrip("#").strip() if len(lines) > 1 and lines[1].startswith("#") else ""
+        rows.append(("recipe", str(path.relative_to(root.parent)), "", what))
+    rows += [("mitigation", name, cls.limit or "-", cls.summary) for name, cls in MITIGATIONS.items()]
+    rows += [("eval", name, cls.limit or "-", cls.summary) for name, cls in EVALS.items()]
+    # One plain line per item (greppable, never wrapped); columns aligned on the widest name.
+    width = max(len(r[1]) for r in rows)
+    for kind, name, limit, what in rows:
+        limit = f"[{limit}] " if limit else ""
+        console.print(f"{kind:<11}{name:<{width + 2}}{limit}{what}", markup=False, soft_wrap=True)
+
+
+def recipes_dir() -> Path:
+    """recipes/ of the working directory if there is one, else the one beside the installed package (a clone)."""
+    here = Path.cwd() / "recipes"
+    return here if here.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _print_summary(out_dir: Path) -> None:
+    from trainers.report import limit_rows, read_results
+
+    results = read_results(out_dir / "results.json")
+    table = Table(title=f"{results['name']}: limits before and after", box=None)
+    for col in ("eval", "limit", "read off", "before", "after", "delta"):
+        table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left")
+    fmt = lambda x: "-" if x is None else f"{x:g}"  # noqa: E731
+    for r in limit_rows(results):
+        delta = "-" if r["delta"] is None else f"{r['delta']:+g}"
+        table.add_row(r["key"], r["limit"], r["read_off"], fmt(r["before"]), fmt(r["after"]), delta)
+    console.print(table)
+    console.print(f"report:  {out_dir / 'report.md'}", markup=False)
+    console.print(f"plots:   {out_dir / 'plots'}", markup=False)
+    wb = results.get("wandb") or {}
+    if wb.get("dir"):
+        hint = "  (offline: `wandb sync` that folder to upload)" if wb.get("mode") == "offline" else ""
+        console.print(f"wandb:   {wb['dir']}{hint}", markup=False)
+
+
+def main() -> None:
+    app(prog_name="llm-limits")
+
+
+if __name__ == "__main__":
+    main()

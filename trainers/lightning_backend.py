@@ -1,0 +1,203 @@
+"""The Lightning backend: a LightningModule for causal LMs that applies every mitigation hook, and the Trainer around it.
+
+Reads top to bottom: build the module -> wrap it in a Trainer (strategy, precision, checkpoints, logger) -> fit.
+Hook order per micro-batch (docs/architecture.md): ``transform_batch`` of each enabled mitigation in recipe order ->
+forward -> LM loss + each ``extra_loss``. ``setup`` is called once before the optimizer exists; every mitigation's
+``state_dict`` rides in each checkpoint and comes back through ``load_state_dict`` on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from transformers import get_scheduler
+
+from mitigations.base import Mitigation, StepContext
+from trainers.errors import UserError
+from trainers.recipe import TrainerSpec
+
+NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions")
+
+
+class CausalLMModule(L.LightningModule):
+    """Wraps a Hugging Face causal LM (``input_ids`` ``[batch, seq]`` -> ``logits`` ``[batch, seq, vocab]``)."""
+
+    def __init__(self, model: torch.nn.Module, mitigations: list[Mitigation], spec: TrainerSpec, tokenizer: Any = None):
+        super().__init__()
+        self.model = model
+        self.mitigations = [m for m in mitigations if m.enabled]
+        self.spec = spec
+        for m in self.mitigations:
+            self.model = m.setup(self.model, tokenizer)
+            if m.reward_fns():  # rewards need an RL trainer; silently ignoring them would train something else
+                raise UserError(
+                    f"mitigations: {m.name} provides reward functions, which the Lightning backend cannot use "
+                    "(set trainer.backend to an RL backend such as trl)"
+                )
+        self.tokens_seen = 0
+        self.history: list[dict[str, float]] = []
+        """Training metrics logged on this rank, for the report's loss plot."""
+        self._pending: dict[str, float] = {}
+
+    # --- the step ----------------------------------------------------------------------------------------------
+    def _ctx(self) -> StepContext:
+        return StepContext(
+            step=int(self.global_step),
+            max_steps=self.spec.max_steps,
+            tokens_seen=int(self.tokens_seen),
+            log=self._log_scalar,
+            rank=int(self.global_rank),
+            world_size=int(self.trainer.world_size) if self._trainer is not None else 1,
+        )
+
+    def _log_scalar(self, name: str, value: float) -> None:
+        self._pending[name] = float(value)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ctx = self._ctx()
+        for m in self.mitigations:
+            batch = m.transform_batch(batch, ctx)
+        outputs = self.model(**batch)
+        loss = outputs.loss
+        lm_loss = loss.detach()
+        for m in self.mitigations:
+            extra = m.extra_loss(outputs, batch, ctx)
+            if extra is not None:
+                loss = loss + extra
+                self._pending[f"{m.name}/extra_loss"] = float(extra.detach())
+        # Tokens count across ranks: every rank sees a batch of the same shape.
+        self.tokens_seen += int(batch["attention_mask"].sum()) * ctx.world_size
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", lm_loss, batch_size=bs)
+        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        for name, value in self._pending.items():
+            self.log(name, value, batch_size=bs)
+        if self.trainer.is_last_batch or (self.global_step % self.spec.log_every == 0 and self._is_accum_boundary(batch_idx)):
+            self.history.append({"step": float(self.global_step), "loss": float(loss.detach()), **self._pending})
+        self._pending = {}
+        return loss
+
+    def _is_accum_boundary(self, batch_idx: int) -> bool:
+        return (batch_idx + 1) % self.spec.grad_accum == 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        outputs = self.model(**batch)
+        self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    # --- optimizer ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.spec.lr)
+        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.spec.lr_schedule]
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.spec.warmup_steps, num_training_steps=self.spec.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints carry the mitigations' state ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["llm_limits"] = {
+            "mitigations": {m.name: m.state_dict() for m in self.mitigations},
+            "tokens_seen": self.tokens_seen,
+            "history": self.history,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("llm_limits", {})
+        for m in self.mitigations:
+            if m.name in state.get("mitigations", {}):
+                m.load_state_dict(state["mitigations"][m.name])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.history = list(state.get("history", []))
+
+
+def build_trainer(spec: TrainerSpec, run_dir: Path, logger: Any, *, has_val: bool, progress: bool = True) -> L.Trainer:
+    """A Lightning Trainer for the recipe's trainer section, checkpointing into ``run_dir/checkpoints``."""
+    every = spec.checkpoint_every or spec.max_steps
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every,
+        save_top_k=spec.keep_last,
+        monitor="step",
+        mode="max",
+        save_last=True,
+    )
+    callbacks: list[Any] = [checkpoint]
+    if progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, spec.log_every)))
+    val_kwargs: dict[str, Any] = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    if has_val:
+        val_kwargs = {
+            "val_check_interval": spec.val_every or spec.max_steps,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0,
+        }
+    return L.Trainer(
+        accelerator=spec.accelerator,
+        devices=spec.devices,
+        num_nodes=spec.num_nodes,
+        strategy=_strategy(spec),
+        precision=spec.precision,
+        max_steps=spec.max_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=spec.grad_accum,
+        gradient_clip_val=spec.grad_clip,
+        log_every_n_steps=spec.log_every,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        deterministic=False,
+        use_distributed_sampler=True,
+        **val_kwargs,
+    )
+
+
+def _strategy(spec: TrainerSpec) -> Any:
+    if spec.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # gloo on CPU, NCCL on GPU; find_unused_parameters stays off (it costs a graph traversal per step).
+        return DDPStrategy(process_group_backend="gloo" if spec.accelerator == "cpu" else "nccl")
+    return spec.strategy  # "auto" or "deepspeed_stage_N" (CUDA only; rejected on CPU by the recipe check)
+
+
+def fit(
+    module: CausalLMModule,
+    trainer: L.Trainer,
+    train_loader: Any,
+    val_loader: Any,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """Train; returns wall time and throughput numbers for the report."""
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    return {
+        "wall_s": wall,
+        "steps": float(trainer.global_step),
+        "tokens_seen": float(module.tokens_seen),
+        "final_loss": metrics.get("train/loss", float("nan")),
+        "val_loss": metrics.get("val/loss", float("nan")),
+    }
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0. Launchers (Lightning's subprocess launcher, torchrun, SLURM) set these
+    variables in the processes they start; a plain process has none of them and is rank 0."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))

@@ -1,0 +1,205 @@
+"""The run report: ``results.json`` (curves, limits, deltas), ``report.md`` (before/after tables) and PNG plots.
+
+All writes go through :func:`write_atomic`, so an interrupted run never leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from evals.base import EvalResult
+
+PHASES = ("before", "after")
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temporary file in the same directory, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(results, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, EvalResult):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e9:
+        return str(int(x))
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _signed(x: Any) -> str:
+    if x is None:
+        return "-"
+    s = _num(x)
+    return s if s.startswith("-") or s in ("0", "nan") else f"+{s}"
+
+
+def limit_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per eval: key, metric, limit before, after and delta (the table both the terminal and the markdown
+    report print)."""
+    rows = []
+    for key, entry in results.get("evals", {}).items():
+        before = entry.get("before")
+        after = entry.get("after")
+        spec = (after or before or {}).get("spec", {})
+        rows.append(
+            {
+                "key": key,
+                "eval": entry.get("eval", key),
+                "limit": f"{spec.get('limit', '')} ({spec.get('limit_unit', '')})".replace(" ()", ""),
+                "read_off": f"{spec.get('metric', '')} vs {spec.get('axis', '')}",
+                "before": before["limit_value"] if before else None,
+                "after": after["limit_value"] if after else None,
+                "delta": entry.get("compare", {}).get("limit_delta"),
+            }
+        )
+    return rows
+
+
+def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
+    """The human report of a run: headline table, then one section per eval with its curve table and plot."""
+    lines = [f"# {results['name']}: limits before and after", ""]
+    lines += [f"Run directory: `{results['run_dir']}`  ", f"Recipe: `{results.get('recipe_source', '')}`", ""]
+    train = results.get("train")
+    if train:
+        lines += [
+            f"Training: {_num(train.get('steps'))} steps, {_num(train.get('tokens_seen'))} tokens, "
+            f"{_num(train.get('wall_s'), 3)} s; final train loss {_num(train.get('final_loss'))}, "
+            f"val loss {_num(train.get('val_loss'))}.",
+            "",
+        ]
+    mits = results.get("mitigations", [])
+    lines += [f"Mitigations: {', '.join(m['name'] for m in mits if m.get('enabled', True)) or 'none'}.", ""]
+    lines += ["| eval | limit | read off | before | after | delta |", "|---|---|---|---:|---:|---:|"]
+    for r in limit_rows(results):
+        lines.append(
+            f"| {r['key']} | {r['limit']} | {r['read_off']} | {_num(r['before'])} | {_num(r['after'])} | {_signed(r['delta'])} |"
+        )
+    lines.append("")
+    for key, entry in results.get("evals", {}).items():
+        phases = [p for p in PHASES if entry.get(p)]
+        if not phases:
+            continue
+        first = entry[phases[0]]
+        spec = first["spec"]
+        better = "higher" if spec["higher_is_better"] else "lower"
+        lines += [f"## {key}", "", f"{spec['metric']} per {spec['axis']} ({better} is better).", ""]
+        header = f"| {spec['axis']} | " + " | ".join(phases) + (" | delta |" if len(phases) == 2 else " |")
+        lines += [header, "|---:|" + "---:|" * (len(phases) + (1 if len(phases) == 2 else 0))]
+        xs = sorted({float(x) for p in phases for x in entry[p]["curve"]})
+        for x in xs:
+            vals = [entry[p]["curve"].get(_key(x)) for p in phases]
+            row = f"| {_num(x)} | " + " | ".join(_num(v) for v in vals)
+            if len(phases) == 2:
+                row += f" | {_signed(vals[1] - vals[0]) if None not in vals else '-'}"
+            lines.append(row + " |")
+        lines.append("")
+        for p in phases:
+            res = entry[p]
+            lines.append(
+                f"- {p}: limit {_num(res['limit_value'])} {spec.get('limit_unit', '')} "
+                f"(threshold {_num(res['threshold'])}); "
+                + ", ".join(f"{k} {_num(v)}" for k, v in res.get("scalars", {}).items())
+            )
+            lines += [f"  - note: {n}" for n in res.get("notes", [])]
+        if key in plots:
+            lines += ["", f"![{key}]({plots[key]})"]
+        lines.append("")
+    if "training" in plots:
+        lines += ["## Training", "", f"![training loss]({plots['training']})", ""]
+    wb = results.get("wandb") or {}
+    if wb.get("dir"):
+        lines += [f"wandb ({wb.get('mode')}): `{wb['dir']}`" + (" (sync with `wandb sync` on that folder)" if wb.get("mode") == "offline" else ""), ""]
+    return "\n".join(lines)
+
+
+def _key(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def plot_eval(key: str, entry: dict[str, Any], path: Path) -> None:
+    """Overlay the before and after curves, with each phase's threshold and limit marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    colours = {"before": "tab:gray", "after": "tab:blue"}
+    spec = None
+    for phase in PHASES:
+        res = entry.get(phase)
+        if not res:
+            continue
+        spec = res["spec"]
+        pts = sorted((float(x), v) for x, v in res["curve"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[phase], label=f"{phase}")
+        ax.axhline(res["threshold"], color=colours[phase], ls=":", lw=1)
+        if res["limit_value"] > 0:
+            ax.axvline(res["limit_value"], color=colours[phase], ls="--", lw=1,
+                       label=f"{phase} limit = {_num(res['limit_value'])}")
+    if spec:
+        ax.set_xlabel(spec["axis"])
+        ax.set_ylabel(spec["metric"] + (" (higher is better)" if spec["higher_is_better"] else " (lower is better)"))
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_training(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], color="tab:blue")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -1,0 +1,315 @@
+"""The run lifecycle: validate -> build -> eval before -> train -> eval after -> report.
+
+Everything that can fail on the user's input (recipe, data, model, eval/model fit) fails in :func:`build`, before the
+run directory exists, so a bad recipe never writes into a run directory. Under DDP every rank builds the same model
+and data; only rank 0 creates the run directory, runs the evals and writes the report (evals are never duplicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import yaml
+
+from evals import EVALS
+from evals.base import Eval, EvalResult, compare
+from mitigations import MITIGATIONS
+from mitigations.base import Mitigation
+from trainers.data import build_loaders
+from trainers.errors import UserError
+from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero
+from trainers.models import apply_lora, build_model, count_parameters, save_model
+from trainers.recipe import ResolvedRecipe, load_recipe
+from trainers.report import plot_eval, plot_training, read_results, render_markdown, write_atomic, write_results
+from trainers.tokenizers import load_tokenizer
+from trainers.tracking import Tracker
+
+RUN_DIR_ENV = "LLM_LIMITS_RUN_DIR"
+"""Set by rank 0 before training so processes a launcher starts later write into the same run directory."""
+
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+
+
+@dataclasses.dataclass
+class Built:
+    """What :func:`build` makes from a recipe: everything a backend needs, nothing written to disk yet."""
+
+    resolved: ResolvedRecipe
+    tokenizer: Any
+    model: torch.nn.Module
+    mitigations: list[Mitigation]
+    evals: list[tuple[str, Eval, list[str]]]
+    """(result key, eval, when) in recipe order; the key is the eval name, suffixed when a name repeats."""
+
+
+def build(resolved: ResolvedRecipe, *, checkpoint: str | None = None, with_data: bool = True) -> tuple[Built, Any, Any]:
+    """Tokenizer, model (+LoRA), mitigations, evals and data loaders. Raises :class:`UserError` on bad input, always
+    naming the recipe file."""
+    try:
+        return _build(resolved, checkpoint=checkpoint, with_data=with_data)
+    except UserError as e:
+        if str(e).startswith(f"{resolved.source}: "):
+            raise
+        raise UserError(f"{resolved.source}: {e}") from None
+
+
+def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool) -> tuple[Built, Any, Any]:
+    r = resolved.recipe
+    L.seed_everything(r.seed, workers=True, verbose=False)
+    m = r.model
+    tok_path = m.tokenizer.path or (m.path if m.tokenizer.kind == "pretrained" else None)
+    tokenizer = load_tokenizer(m.tokenizer.kind, tok_path, alphabet=m.tokenizer.alphabet, trust_remote_code=m.trust_remote_code)
+    model = build_model(
+        m.model_type if checkpoint is None else None,
+        m.config if checkpoint is None else {},
+        m.path if checkpoint is None else checkpoint,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+        field_prefix="model" if checkpoint is None else "--checkpoint",
+    )
+    if m.lora is not None and checkpoint is None:
+        model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+    mitigations = [MITIGATIONS[name](config) for name, config in resolved.mitigations]
+    evals = []
+    seen: dict[str, int] = {}
+    for i, (name, config, when) in enumerate(resolved.evals):
+        ev = EVALS[name](config)
+        try:
+            ev.check(model, tokenizer)
+        except ValueError as e:
+            raise UserError(f"evals[{i}] ({name}): {e}") from None
+        seen[name] = seen.get(name, 0) + 1
+        key = name if seen[name] == 1 else f"{name}.{seen[name]}"
+        evals.append((key, ev, when))
+    loaders = build_loaders(r.data, tokenizer, r.seed) if with_data else (None, None)
+    return Built(resolved, tokenizer, model, mitigations, evals), *loaders
+
+
+def new_run_dir(output_dir: str, name: str) -> Path:
+    """``<output_dir>/<name>/<YYYYmmdd-HHMMSS>``, suffixed if that exists (never reuses a directory)."""
+    base = Path(output_dir) / name / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def limit_key(spec_limit: str, eval_key: str, all_limits: list[str]) -> str:
+    """The summary key of an eval's limit: the limit's name (``context``) when one eval measures it, else
+    ``context.<eval>``."""
+    if not spec_limit:
+        return eval_key
+    return spec_limit if all_limits.count(spec_limit) == 1 else f"{spec_limit}.{eval_key}"
+
+
+def run_evals(
+    built: Built, model: torch.nn.Module, phase: str, *, progress: bool, on_result: Callable[[str, EvalResult], None]
+) -> dict[str, EvalResult]:
+    """Run every eval whose ``when`` includes ``phase`` on ``model``; ``on_result`` sees each result as it lands."""
+    out = {}
+    device = str(next(model.parameters()).device)
+    for key, ev, when in built.evals:
+        if phase not in when:
+            continue
+        res = ev.run(model, built.tokenizer, device=device, progress=progress)
+        out[key] = res
+        on_result(key, res)
+    return out
+
+
+def train(
+    recipe_path: str, overrides: list[str] | None = None, *, resume: str | None = None, progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """``llm-limits train``: the whole lifecycle. Returns the run directory."""
+    # --- validate -----------------------------------------------------------------------------------------------
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise UserError(f"--resume {resume}: not a run directory (expected {RECIPE_FILE} inside)")
+        resolved = load_recipe(run_dir / RECIPE_FILE, overrides)
+        resolved.source = str(run_dir / RECIPE_FILE)
+    else:
+        resolved = load_recipe(recipe_path, overrides)
+        run_dir = None
+    r = resolved.recipe
+    # --- build (all user errors surface here, before anything is written) ----------------------------------------
+    built, train_loader, val_loader = build(resolved)
+    module = CausalLMModule(built.model, built.mitigations, r.trainer, tokenizer=built.tokenizer)
+    rank0 = is_rank_zero()
+
+    if run_dir is None:
+        env_dir = os.environ.get(RUN_DIR_ENV)
+        run_dir = Path(env_dir) if (env_dir and not rank0) else new_run_dir(r.output_dir, r.name)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # launched ranks inherit it
+    results_path = run_dir / RESULTS_FILE
+    results = read_results(results_path) if (resume and results_path.exists()) else _new_results(resolved, run_dir)
+
+    tracker = None
+    if rank0:
+        write_atomic(run_dir / RECIPE_FILE, _recipe_text(resolved))
+        tracker = Tracker(r.tracking.wandb, run_dir, r.name, resolved.to_dict())
+        results["wandb"] = {"mode": tracker.mode, "dir": tracker.files_dir}
+        trainable, total = count_parameters(module.model)
+        results["model"] = {"trainable_params": trainable, "total_params": total, "type": type(module.model).__name__}
+        echo(f"run directory: {run_dir}")
+        echo(f"model: {type(module.model).__name__}, {total:,} parameters ({trainable:,} trainable)")
+    limits = [ev.spec().limit for _, ev, _ in built.evals]
+
+    # --- eval before ----------------------------------------------------------------------------------------------
+    if rank0 and not any(e.get("before") for e in results["evals"].values()):
+        def on_before(key: str, res: EvalResult) -> None:
+            results["evals"].setdefault(key, {"eval": res.eval, "limit_key": limit_key(res.spec.limit, key, limits)})
+            results["evals"][key]["before"] = res.to_dict()
+            tracker.log_eval(key, res, "before", step=0)
+            echo(f"eval before: {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
+
+        run_evals(built, module.model, "before", progress=progress, on_result=on_before)
+        write_results(results_path, results)
+
+    # --- train ----------------------------------------------------------------------------------------------------
+    trainer = build_trainer(r.trainer, run_dir, tracker.lightning_logger() if tracker else None,
+                            has_val=val_loader is not None, progress=progress)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if (resume and last.exists()) else None
+    if resume and ckpt_path is None and rank0:
+        echo(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; training from the start")
+    stats = fit(module, trainer, train_loader, val_loader, ckpt_path=ckpt_path)
+    if not rank0:
+        return run_dir
+
+    # --- eval after, report -----------------------------------------------------------------------------------------
+    results["train"] = stats
+    model = module.model
+    if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, and a merged full model that loads alone
+        save_model(model, built.tokenizer, run_dir / ADAPTER_DIR)
+        model = model.merge_and_unload()
+    model.eval()
+    save_model(model, built.tokenizer, run_dir / MODEL_DIR)
+    step = int(stats["steps"])
+
+    def on_after(key: str, res: EvalResult) -> None:
+        entry = results["evals"].setdefault(key, {"eval": res.eval, "limit_key": limit_key(res.spec.limit, key, limits)})
+        entry["after"] = res.to_dict()
+        if entry.get("before"):
+            entry["compare"] = _jsonable(compare(EvalResult.from_dict(entry["before"]), res))
+        tracker.log_eval(key, res, "after", step=step)
+        echo(f"eval after:  {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
+
+    run_evals(built, model, "after", progress=progress, on_result=on_after)
+    finish_report(results, run_dir, history=module.history)
+    tracker.summarize(
+        {e["limit_key"]: e.get("compare", _phase_limits(e)) for e in results["evals"].values()},
+        {"train/wall_s": stats["wall_s"], "train/tokens_seen": stats["tokens_seen"]},
+    )
+    tracker.finish()
+    return run_dir
+
+
+def evaluate(
+    target: str, overrides: list[str] | None = None, *, checkpoint: str | None = None, progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """``llm-limits eval``: the recipe's evals alone, on a fresh model, a run's trained model or a checkpoint.
+
+    ``target`` is a recipe file or a run directory; for a run directory the model defaults to its trained ``model/``.
+    Results go to ``<run_dir>/evals/<time>/`` (a run directory) or ``<output_dir>/<name>/eval-<time>/`` (a recipe).
+    """
+    tpath = Path(target)
+    if tpath.is_dir():
+        if not (tpath / RECIPE_FILE).is_file():
+            raise UserError(f"{target}: not a run directory (expected {RECIPE_FILE} inside) nor a recipe file")
+        resolved = load_recipe(tpath / RECIPE_FILE, overrides)
+        if checkpoint is None and (tpath / MODEL_DIR).is_dir():
+            checkpoint = str(tpath / MODEL_DIR)
+        out_root = tpath / "evals"
+    else:
+        resolved = load_recipe(target, overrides)
+        out_root = Path(resolved.recipe.output_dir) / resolved.recipe.name
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint {checkpoint}: expected a model directory saved by a run (its model/ folder)")
+    built, _, _ = build(resolved, checkpoint=checkpoint, with_data=False)
+    if not built.evals:
+        raise UserError(f"{resolved.source}: evals: the recipe lists no evals to run")
+    out_dir = out_root / f"eval-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    while out_dir.exists():
+        out_dir = out_dir.with_name(out_dir.name + "-b")
+    results = _new_results(resolved, out_dir)
+    results["checkpoint"] = checkpoint
+    limits = [ev.spec().limit for _, ev, _ in built.evals]
+    phase = "after" if checkpoint else "before"
+
+    def on_result(key: str, res: EvalResult) -> None:
+        results["evals"][key] = {"eval": res.eval, "limit_key": limit_key(res.spec.limit, key, limits), phase: res.to_dict()}
+        echo(f"eval: {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
+
+    built.model.eval()
+    # Every eval runs here whatever its `when`: `eval` is the command for measuring, and says which model it measured.
+    for key, ev, _ in built.evals:
+        on_result(key, ev.run(built.model, built.tokenizer, device=str(next(built.model.parameters()).device), progress=progress))
+    out_dir.mkdir(parents=True)
+    finish_report(results, out_dir, history=None)
+    return out_dir
+
+
+def finish_report(results: dict[str, Any], out_dir: Path, history: list[dict[str, float]] | None) -> None:
+    """results.json, one PNG per eval (+ the training loss), report.md."""
+    plots: dict[str, str] = {}
+    for key, entry in results["evals"].items():
+        name = f"{key}.png"
+        plot_eval(key, entry, out_dir / "plots" / name)
+        plots[key] = f"plots/{name}"
+    if history:
+        plot_training(history, out_dir / "plots" / "training.png")
+        plots["training"] = "plots/training.png"
+    results["plots"] = plots
+    write_results(out_dir / RESULTS_FILE, results)
+    write_atomic(out_dir / REPORT_FILE, render_markdown(results, plots))
+
+
+def _new_results(resolved: ResolvedRecipe, run_dir: Path) -> dict[str, Any]:
+    return {
+        "name": resolved.recipe.name,
+        "run_dir": str(run_dir),
+        "recipe_source": resolved.source,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "mitigations": [{"name": n, **dataclasses.asdict(c)} for n, c in resolved.mitigations],
+        "evals": {},
+    }
+
+
+def _recipe_text(resolved: ResolvedRecipe) -> str:
+    head = f"# llm-limits train --resume <this run directory>   (resolved from {resolved.source})\n"
+    return head + yaml.safe_dump(resolved.to_dict(), sort_keys=False)
+
+
+def _phase_limits(entry: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    if entry.get("before"):
+        out["limit_before"] = entry["before"]["limit_value"]
+    if entry.get("after"):
+        out["limit_after"] = entry["after"]["limit_value"]
+    return out
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    out["curve_delta"] = {(str(int(x)) if float(x).is_integer() else str(x)): v for x, v in d["curve_delta"].items()}
+    return out

@@ -1,0 +1,114 @@
+"""wandb tracking: one wandb run per training run, offline by default.
+
+Metric names say who owns them (docs/architecture.md): ``train/loss``, ``<mitigation>/<knob>``,
+``eval/<limit>/<metric>@<axis value>`` (logged at step 0 before training and at the last step after it, so a wandb
+chart shows the move), and in the summary ``limit_before/<key>``, ``limit/<key>``, ``limit_delta/<key>``.
+Curves also go in as wandb Tables with a line plot per eval and phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from evals.base import EvalResult
+from trainers.recipe import WandbSpec
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+class Tracker:
+    """A thin owner of the wandb run (or of nothing, when tracking is disabled)."""
+
+    def __init__(self, spec: WandbSpec, run_dir: Path, name: str, config: dict[str, Any]) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.run: Any = None
+        self.mode = spec.mode
+        if spec.mode == "disabled":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        id_file = run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        kwargs = dict(
+            project=spec.project,
+            entity=spec.entity,
+            group=spec.group,
+            tags=spec.tags or None,
+            name=f"{name}-{run_dir.name}",
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+        try:
+            self.run = wandb.init(mode=spec.mode, **kwargs)
+        except Exception as e:  # online with no key or no network: keep training, keep the numbers
+            if spec.mode != "online":
+                raise
+            log.warning("wandb online failed (%s); falling back to offline: sync later with `wandb sync`", e)
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", **kwargs)
+        id_file.write_text(run_id)
+
+    @property
+    def files_dir(self) -> str | None:
+        """Where wandb wrote this run's files (``wandb sync`` takes this folder)."""
+        if self.run is None:
+            return None
+        return str(Path(self.run.dir).parent)
+
+    def lightning_logger(self) -> Any:
+        """A Lightning WandbLogger writing into this same run, or ``None``."""
+        if self.run is None:
+            return None
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(experiment=self.run, log_model=False)
+
+    def log_eval(self, key: str, result: EvalResult, phase: str, step: int) -> None:
+        """Scalars per axis value, a Table and a line plot of the curve."""
+        if self.run is None:
+            return
+        import wandb
+
+        spec = result.spec
+        data: dict[str, Any] = {
+            f"eval/{key}/{spec.metric}@{_fmt(x)}": v for x, v in sorted(result.curve.items())
+        }
+        data[f"eval/{key}/limit"] = result.limit_value
+        table = wandb.Table(columns=[spec.axis, spec.metric], data=[[x, v] for x, v in sorted(result.curve.items())])
+        data[f"curves/{key}/{phase}"] = wandb.plot.line(
+            table, spec.axis, spec.metric, title=f"{result.eval} ({phase}): {spec.metric} vs {spec.axis}"
+        )
+        self.run.log(data, step=step)
+
+    def summarize(self, comparisons: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        """``limit_before/*``, ``limit/*``, ``limit_delta/*`` and the run's other headline numbers in the summary."""
+        if self.run is None:
+            return
+        for key, c in comparisons.items():
+            if "limit_before" in c:
+                self.run.summary[f"limit_before/{key}"] = c["limit_before"]
+            if "limit_after" in c:
+                self.run.summary[f"limit/{key}"] = c["limit_after"]
+            if "limit_delta" in c:
+                self.run.summary[f"limit_delta/{key}"] = c["limit_delta"]
+        for k, v in (extra or {}).items():
+            self.run.summary[k] = v
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
