@@ -113,6 +113,16 @@ def test_train_end_to_end_writes_results_report_plots_and_wandb(write_recipe, ti
     assert resumed["evals"]["positional_loss"]["before"] == entry["before"]
 
 
+def test_eval_on_a_recipe_measures_the_untrained_model(write_recipe, tiny_recipe, tmp_path):
+    out = run_in_process("eval", str(write_recipe(tiny_recipe)), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    (eval_dir,) = list((tmp_path / "runs" / "tiny-test").glob("eval-*"))
+    res = json.loads((eval_dir / "results.json").read_text())["evals"]["positional_loss"]
+    assert set(res) == {"eval", "limit_key", "before"}  # an untrained model is a "before" measurement
+    assert res["before"]["limit_value"] == 0  # random weights: nothing learned, so no context is used
+    assert (eval_dir / "report.md").is_file() and (eval_dir / "plots" / "positional_loss.png").is_file()
+
+
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint(write_recipe, tiny_recipe, tmp_path):
     """Train 4 of 8 steps (checkpoint every 2), then resume to 8 with a raised max_steps: the step count and the

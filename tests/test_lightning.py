@@ -82,6 +82,18 @@ def test_every_hook_is_called_and_weights_train(tmp_path):
     assert len(changed) == len(before), "every trainable parameter should move"
 
 
+def test_gradient_accumulation_and_bf16_on_cpu(tmp_path):
+    resolved, built, train_loader, _ = _built()
+    noop = NoOp()
+    spec = resolved.recipe.trainer.model_copy(update={"max_steps": 2, "grad_accum": 2, "precision": "bf16-mixed"})
+    module = CausalLMModule(built.model, [noop], spec)
+    trainer = build_trainer(spec, tmp_path, logger=None, has_val=False, progress=False)
+    trainer.fit(module, train_dataloaders=train_loader)
+    assert trainer.global_step == 2
+    assert noop.calls["transform_batch"] == 4  # two micro-batches per optimizer step
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 def test_disabled_mitigation_is_skipped():
     _, built, _, _ = _built()
     rec = Recorder(RecorderConfig(enabled=False))

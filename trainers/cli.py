@@ -37,12 +37,25 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: never wait on network retries
     os.environ.setdefault("WANDB_SILENT", "true")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns at import that it fell back to CPU
+    import lightning.pytorch  # noqa: F401 -- configures its loggers on import; lower them after that
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "wandb"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
     import warnings
 
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _fail(err: UserError) -> None:
@@ -162,7 +175,7 @@ def _print_summary(out_dir: Path) -> None:
     wb = results.get("wandb") or {}
     if wb.get("dir"):
         hint = "  (offline: `wandb sync` that folder to upload)" if wb.get("mode") == "offline" else ""
-        console.print(f"wandb:   {wb['dir']}{hint}", markup=False)
+        console.print(f"wandb:   {wb['dir']}{hint}", markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -164,11 +164,11 @@ def plot_eval(key: str, entry: dict[str, Any], path: Path) -> None:
             continue
         spec = res["spec"]
         pts = sorted((float(x), v) for x, v in res["curve"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[phase], label=f"{phase}")
-        ax.axhline(res["threshold"], color=colours[phase], ls=":", lw=1)
+        label = f"{phase} (limit {_num(res['limit_value'])})"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[phase], label=label)
+        ax.axhline(res["threshold"], color=colours[phase], ls=":", lw=1)  # the pass mark
         if res["limit_value"] > 0:
-            ax.axvline(res["limit_value"], color=colours[phase], ls="--", lw=1,
-                       label=f"{phase} limit = {_num(res['limit_value'])}")
+            ax.axvline(res["limit_value"], color=colours[phase], ls="--", lw=1)
     if spec:
         ax.set_xlabel(spec["axis"])
         ax.set_ylabel(spec["metric"] + (" (higher is better)" if spec["higher_is_better"] else " (lower is better)"))
