@@ -9,7 +9,6 @@ packing; the tail shorter than a block is dropped).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,7 +93,3 @@ def build_loaders(
     train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=g, drop_last=len(train) >= spec.batch_size)
     val_loader = DataLoader(val, batch_size=spec.batch_size, shuffle=False) if val is not None else None
     return train_loader, val_loader
-
-
-def resolve_path(path: str | None) -> Path | None:
-    return Path(path).expanduser() if path else None

@@ -92,7 +92,7 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool)
         try:
             ev.check(model, tokenizer)
         except ValueError as e:
-            raise UserError(f"evals[{i}] ({name}): {e}") from None
+            raise UserError(f"evals[{i}]: {e}") from None
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))

@@ -1,0 +1,41 @@
+"""wandb tracking (offline): eval curves, limits and deltas land in the run and its summary."""
+
+from __future__ import annotations
+
+from evals.base import EvalResult, LimitSpec, compare
+from trainers.recipe import WandbSpec
+from trainers.tracking import RUN_ID_FILE, Tracker
+
+
+def _result(curve, limit):
+    spec = LimitSpec(metric="loss", axis="position", axis_values=tuple(curve), higher_is_better=False, limit="context",
+                     limit_unit="tokens")
+    return EvalResult(eval="positional_loss", spec=spec, curve=curve, limit_value=limit, threshold=2.2)
+
+
+def test_offline_run_gets_eval_curves_and_limit_summary(tmp_path):
+    tracker = Tracker(WandbSpec(mode="offline", tags=["t"]), tmp_path, "unit", {"seed": 3})
+    assert tracker.mode == "offline" and tracker.run is not None
+    before = _result({16.0: 4.6, 32.0: 4.6}, 0.0)
+    after = _result({16.0: 2.0, 32.0: 2.1}, 32.0)
+    tracker.log_eval("context", before, "before", step=0)
+    tracker.log_eval("context", after, "after", step=10)
+    tracker.summarize({"context": compare(before, after)}, {"train/wall_s": 1.5})
+    summary = dict(tracker.run.summary)
+    assert summary["limit_before/context"] == 0.0
+    assert summary["limit/context"] == 32.0
+    assert summary["limit_delta/context"] == 32.0
+    assert tracker.run.config["seed"] == 3
+    run_id = tracker.run.id
+    tracker.finish()
+    assert (tmp_path / RUN_ID_FILE).read_text() == run_id  # a resumed run reuses it
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+
+
+def test_disabled_tracking_writes_nothing(tmp_path):
+    tracker = Tracker(WandbSpec(mode="disabled"), tmp_path, "unit", {})
+    tracker.log_eval("context", _result({16.0: 1.0}, 16.0), "after", step=1)
+    tracker.summarize({"context": {"limit_after": 16.0}})
+    tracker.finish()
+    assert tracker.files_dir is None and tracker.lightning_logger() is None
+    assert list(tmp_path.iterdir()) == []
