@@ -69,6 +69,46 @@ def read_limit(
 
 
 @dataclass
+class Series:
+    """A secondary curve of a measurement (e.g. accuracy by needle depth, attention mass by context length)."""
+
+    axis: str
+    metric: str
+    points: dict[AxisValue, float]
+    """Axis value -> metric."""
+    higher_is_better: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"axis": self.axis, "metric": self.metric, "higher_is_better": self.higher_is_better,
+                "points": {_key(x): v for x, v in self.points.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Series":
+        return cls(axis=d["axis"], metric=d["metric"], higher_is_better=bool(d.get("higher_is_better", True)),
+                   points={float(x): float(v) for x, v in d["points"].items()})
+
+
+@dataclass
+class Grid:
+    """A metric over two axes (e.g. accuracy over context length x needle depth), drawn as a heatmap."""
+
+    x_axis: str
+    y_axis: str
+    metric: str
+    x: list[AxisValue]
+    y: list[AxisValue]
+    values: list[list[float]]
+    """``values[j][i]`` is the metric at ``(x[i], y[j])``: one row per y value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Grid":
+        return cls(**{k: d[k] for k in ("x_axis", "y_axis", "metric", "x", "y", "values")})
+
+
+@dataclass
 class EvalResult:
     """One eval's measurement of one model."""
 
@@ -85,11 +125,17 @@ class EvalResult:
     """Other named numbers of the measurement (reference loss, chance loss, token counts...)."""
     notes: list[str] = field(default_factory=list)
     """Plain-language caveats for the report (e.g. why the limit is 0)."""
+    series: dict[str, Series] = field(default_factory=dict)
+    """Named secondary curves; the report overlays each one before vs after."""
+    grids: dict[str, Grid] = field(default_factory=dict)
+    """Named 2-D measurements; the report draws each as heatmaps before | after."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["spec"]["axis_values"] = list(self.spec.axis_values)
         d["curve"] = {_key(x): v for x, v in self.curve.items()}
+        d["series"] = {k: v.to_dict() for k, v in self.series.items()}
+        d["grids"] = {k: v.to_dict() for k, v in self.grids.items()}
         return d
 
     @classmethod
@@ -104,6 +150,8 @@ class EvalResult:
             threshold=float(d["threshold"]),
             scalars=dict(d.get("scalars", {})),
             notes=list(d.get("notes", [])),
+            series={k: Series.from_dict(v) for k, v in d.get("series", {}).items()},
+            grids={k: Grid.from_dict(v) for k, v in d.get("grids", {}).items()},
         )
 
 

@@ -24,7 +24,12 @@ import torch
 
 Batch = dict[str, torch.Tensor]
 """A causal-LM batch: ``input_ids``, ``attention_mask``, ``labels`` each ``[batch, seq]``; optional
-``position_ids`` ``[batch, seq]``."""
+``position_ids`` ``[batch, seq]``. Question/answer rows also carry metadata ``[batch]`` int tensors
+``context_start``, ``context_end`` (token span of the context) and ``needle_start``, ``needle_end`` (token span of the
+answer-bearing needle), all -1 on plain text rows; the backend drops them before the forward pass."""
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+"""The batch keys a model's forward receives; every other key is metadata for the hooks."""
 
 
 def _no_log(name: str, value: float) -> None:
@@ -41,6 +46,8 @@ class StepContext:
     """Optimizer steps the run will take in total."""
     tokens_seen: int = 0
     """Non-padding training tokens consumed before this batch, summed over all ranks."""
+    max_tokens: int = 0
+    """The run's token budget (``trainer.max_tokens``), 0 when the run is measured in steps."""
     log: Callable[[str, float], None] = field(default=_no_log, compare=False, repr=False)
     """``log("positional/seq_len", 128.0)``: a scalar metric at this step (the backend prefixes nothing)."""
     rank: int = 0

@@ -41,7 +41,7 @@ class Recorder(Mitigation):
     def transform_batch(self, batch, ctx):
         self.contexts.append(ctx)
         ctx.log("recorder/step", float(ctx.step))
-        out = {k: v[:, :16] for k, v in batch.items()}  # a new dict: the input batch is not modified
+        out = {k: (v[:, :16] if v.ndim == 2 else v) for k, v in batch.items()}  # a new dict; metadata stays
         return out
 
     def extra_loss(self, outputs, batch, ctx):
@@ -92,6 +92,23 @@ def test_gradient_accumulation_and_bf16_on_cpu(tmp_path):
     assert trainer.global_step == 2
     assert noop.calls["transform_batch"] == 4  # two micro-batches per optimizer step
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_token_budget_stops_the_run_and_drives_the_lr(tmp_path):
+    """max_tokens = 3 full batches (8 x 32 tokens): the run stops after 3 steps, not at max_steps, and the LR schedule
+    follows tokens (cosine to zero at the budget)."""
+    resolved, built, train_loader, _ = _built()
+    spec = resolved.recipe.trainer.model_copy(
+        update={"max_steps": 50, "max_tokens": 3 * 8 * 32, "warmup_steps": 0, "lr_schedule": "linear"}
+    )
+    rec = Recorder(RecorderConfig(weight=0.0))
+    rec.transform_batch = lambda batch, ctx: (rec.contexts.append(ctx), batch)[1]  # keep full-length batches
+    module = CausalLMModule(built.model, [rec], spec)
+    trainer = build_trainer(spec, tmp_path, logger=None, has_val=False, progress=False)
+    trainer.fit(module, train_dataloaders=train_loader)
+    assert trainer.global_step == 3 and module.tokens_seen == 3 * 8 * 32
+    assert [c.max_tokens for c in rec.contexts] == [768] * 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0)  # linear decay hit 0 at the budget
 
 
 def test_disabled_mitigation_is_skipped():

@@ -114,7 +114,7 @@ def test_every_recipe_validates_and_opens_with_its_launch_line(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# llm-limits "), f"{path}: first line must be its launch command"
     assert str(path.relative_to(REPO)) in first, f"{path}: the launch line must name this file"
-    load_recipe(path)
+    load_recipe(path, check_hardware=False)
 
 
 def test_there_are_recipes():

@@ -31,7 +31,81 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **NO_SPANS}
+
+
+SPAN_KEYS = ("context_start", "context_end", "needle_start", "needle_end")
+NO_SPANS = {k: torch.tensor(-1) for k in SPAN_KEYS}
+"""Plain text rows carry the metadata keys too (all -1), so a batch never mixes shapes of dicts."""
+
+
+class QADataset(Dataset):
+    """Question/answer rows (``ruler`` records): ``context + query + answer + eos``, right-padded to ``seq_len``, with
+    the token spans of the context and of the answer-bearing needle as metadata for the positional mitigations."""
+
+    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def qa_rows(records: list[dict[str, Any]], tokenizer: Any, seq_len: int, loss_on: str) -> tuple[list[dict], int]:
+    """Tokenize question/answer records into fixed-length rows; returns the rows and how many records did not fit.
+
+    The pieces are tokenized apart (context, query, answer), so the spans are exact token boundaries; with a
+    subword tokenizer this may split differently from tokenizing the whole string (documented, harmless for training).
+    ``loss_on="answer"`` masks every label but the answer's and the closing EOS.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows, dropped = [], 0
+    for rec in records:
+        enc = tokenizer(rec["context"], add_special_tokens=False, return_offsets_mapping=True)
+        ctx, offsets = enc["input_ids"], enc["offset_mapping"]
+        q = tokenizer(rec["query"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(rec["answer"], add_special_tokens=False)["input_ids"] + eos
+        ids = ctx + q + a
+        if len(ids) > seq_len:
+            dropped += 1
+            continue
+        n_pad = seq_len - len(ids)
+        labels = list(ids) if loss_on == "all" else [-100] * (len(ctx) + len(q)) + a
+        spans = rec.get("needle_spans") or []
+        ns, ne = _token_span(offsets, spans[0]) if spans else (-1, -1)
+        rows.append({
+            "input_ids": torch.tensor(ids + [pad] * n_pad),
+            "attention_mask": torch.tensor([1] * len(ids) + [0] * n_pad),
+            "labels": torch.tensor(labels + [-100] * n_pad),
+            "context_start": torch.tensor(0),
+            "context_end": torch.tensor(len(ctx)),
+            "needle_start": torch.tensor(ns),
+            "needle_end": torch.tensor(ne),
+        })
+    return rows, dropped
+
+
+def _token_span(offsets: list[tuple[int, int]], span: list[int]) -> tuple[int, int]:
+    """Token indices ``[start, end)`` of the tokens overlapping the character span ``[s, e)``."""
+    s, e = span
+    hits = [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
+    return (hits[0], hits[-1] + 1) if hits else (-1, -1)
+
+
+def fit_context_chars(config_cls: type, generate: Any, params: dict[str, Any], tokenizer: Any, seq_len: int) -> int:
+    """``context_chars`` that makes ``context + query + answer + eos`` fill ``seq_len`` tokens, measured on a sample
+    under this tokenizer (exact for a character tokenizer)."""
+    probe = generate(config_cls(**{**params, "num_examples": 4, "context_chars": 4 * seq_len}))
+    ctx_tokens = sum(len(tokenizer(r["context"], add_special_tokens=False)["input_ids"]) for r in probe)
+    chars_per_token = sum(len(r["context"]) for r in probe) / max(1, ctx_tokens)
+    tail = max(len(tokenizer(r["query"] + r["answer"], add_special_tokens=False)["input_ids"]) for r in probe) + 1
+    budget = seq_len - tail
+    if budget < 8:
+        raise UserError(f"data.seq_len: {seq_len} tokens leave no room for a context (question + answer take {tail})")
+    return int(budget * chars_per_token) if chars_per_token > 1 else budget
 
 
 def load_records(spec: DataSpec, seed: int) -> list[dict[str, Any]]:
@@ -42,10 +116,7 @@ def load_records(spec: DataSpec, seed: int) -> list[dict[str, Any]]:
         except TaskDataError as e:
             raise UserError(f"data.path: {e}") from None
     config_cls, generate = TASKS[spec.task]
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(spec.params) - names)
-    if unknown:
-        raise UserError(f"data.params.{unknown[0]}: unknown key for task {spec.task} (expected one of: {', '.join(sorted(names))})")
+    _check_params(spec, config_cls, spec.params)
     params = dict(spec.params)
     params.setdefault("seed", seed)
     try:
@@ -73,8 +144,10 @@ def tokenize_to_blocks(records: list[dict[str, Any]], tokenizer: Any, seq_len: i
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[BlockDataset, BlockDataset | None]:
-    """Train and validation block datasets; the validation blocks are the last ``val_fraction`` of the stream."""
+def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Train and validation datasets; validation takes the last ``val_fraction`` of the blocks (or examples)."""
+    if spec.path is None and spec.task == "ruler":
+        return _qa_datasets(spec, tokenizer, seed)
     blocks = tokenize_to_blocks(load_records(spec, seed), tokenizer, spec.seq_len)
     n_val = int(round(blocks.shape[0] * spec.val_fraction))
     if n_val and blocks.shape[0] - n_val < 1:
@@ -82,6 +155,31 @@ def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[BlockData
     train = BlockDataset(blocks[: blocks.shape[0] - n_val])
     val = BlockDataset(blocks[blocks.shape[0] - n_val :]) if n_val else None
     return train, val
+
+
+def _qa_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[QADataset, QADataset | None]:
+    config_cls, generate = TASKS[spec.task]
+    params = {"seed": seed, **spec.params}
+    _check_params(spec, config_cls, params)
+    if "context_chars" not in params:
+        params["context_chars"] = fit_context_chars(config_cls, generate, params, tokenizer, spec.seq_len)
+    try:
+        records = generate(config_cls(**params))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"data.params: {e}") from None
+    rows, dropped = qa_rows(records, tokenizer, spec.seq_len, spec.loss_on)
+    if not rows:
+        raise UserError(f"data: none of the {len(records)} {spec.task} examples fits data.seq_len={spec.seq_len} tokens")
+    n_val = int(round(len(rows) * spec.val_fraction))
+    val = QADataset(rows[len(rows) - n_val :]) if n_val and len(rows) > n_val else None
+    return QADataset(rows[: len(rows) - n_val] if val else rows), val
+
+
+def _check_params(spec: DataSpec, config_cls: type, params: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise UserError(f"data.params.{unknown[0]}: unknown key for task {spec.task} (expected one of: {', '.join(sorted(names))})")
 
 
 def build_loaders(

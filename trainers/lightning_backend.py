@@ -8,6 +8,7 @@ forward -> LM loss + each ``extra_loss``. ``setup`` is called once before the op
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import get_scheduler
 
-from mitigations.base import Mitigation, StepContext
+from mitigations.base import MODEL_KEYS, Mitigation, StepContext
 from trainers.errors import UserError
 from trainers.recipe import TrainerSpec
 
@@ -51,6 +52,7 @@ class CausalLMModule(L.LightningModule):
             step=int(self.global_step),
             max_steps=self.spec.max_steps,
             tokens_seen=int(self.tokens_seen),
+            max_tokens=int(self.spec.max_tokens or 0),
             log=self._log_scalar,
             rank=int(self.global_rank),
             world_size=int(self.trainer.world_size) if self._trainer is not None else 1,
@@ -63,7 +65,7 @@ class CausalLMModule(L.LightningModule):
         ctx = self._ctx()
         for m in self.mitigations:
             batch = m.transform_batch(batch, ctx)
-        outputs = self.model(**batch)
+        outputs = self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
         loss = outputs.loss
         lm_loss = loss.detach()
         for m in self.mitigations:
@@ -73,6 +75,8 @@ class CausalLMModule(L.LightningModule):
                 self._pending[f"{m.name}/extra_loss"] = float(extra.detach())
         # Tokens count across ranks: every rank sees a batch of the same shape.
         self.tokens_seen += int(batch["attention_mask"].sum()) * ctx.world_size
+        if self.spec.max_tokens and self.tokens_seen >= self.spec.max_tokens:
+            self.trainer.should_stop = True  # the token budget is spent: this is the last optimizer step
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/lm_loss", lm_loss, batch_size=bs)
@@ -89,7 +93,7 @@ class CausalLMModule(L.LightningModule):
         return (batch_idx + 1) % self.spec.grad_accum == 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        outputs = self.model(**batch)
+        outputs = self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
         self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     # --- optimizer ----------------------------------------------------------------------------------------------
@@ -101,8 +105,16 @@ class CausalLMModule(L.LightningModule):
             (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.spec.lr)
-        name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.spec.lr_schedule]
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.spec.warmup_steps, num_training_steps=self.spec.max_steps)
+        if self.spec.max_tokens:
+            # The schedule runs on tokens seen (read when the scheduler steps), so arms whose batches differ in
+            # length follow the same LR per token.
+            spec = self.spec
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda _: lr_factor(self.tokens_seen, spec.warmup_tokens, spec.max_tokens, spec.lr_schedule)
+            )
+        else:
+            name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.spec.lr_schedule]
+            scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.spec.warmup_steps, num_training_steps=self.spec.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints carry the mitigations' state ----------------------------------------------------------------
@@ -120,6 +132,25 @@ class CausalLMModule(L.LightningModule):
                 m.load_state_dict(state["mitigations"][m.name])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.history = list(state.get("history", []))
+
+
+def lr_factor(done: float, warmup: float, total: float, schedule: str) -> float:
+    """LR multiplier after ``done`` units (steps or tokens) of ``total``: linear warmup, then constant, linear or
+    cosine decay to 0 (transformers' schedules, in any unit).
+
+    >>> [round(lr_factor(x, 10, 110, "cosine"), 3) for x in (0, 5, 10, 60, 110, 200)]
+    [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+    >>> lr_factor(50, 0, 100, "linear"), lr_factor(50, 0, 100, "constant")
+    (0.5, 1.0)
+    """
+    if done < warmup:
+        return done / max(1.0, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (done - warmup) / max(1.0, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_trainer(spec: TrainerSpec, run_dir: Path, logger: Any, *, has_val: bool, progress: bool = True) -> L.Trainer:

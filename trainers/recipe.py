@@ -93,7 +93,9 @@ class DataSpec(Strict):
     batch_size: int = Field(16, ge=1)
     """Sequences per micro-batch on each device."""
     val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
-    """Fraction of blocks held out for the validation loss."""
+    """Fraction of blocks (or examples) held out for the validation loss."""
+    loss_on: Literal["all", "answer"] = "all"
+    """For question/answer tasks (``ruler``): train on every token, or on the answer tokens only."""
 
     @model_validator(mode="after")
     def _known_task(self) -> "DataSpec":
@@ -109,7 +111,13 @@ class TrainerSpec(Strict):
     backend: Literal["lightning"] = "lightning"
     """Training backend."""
     max_steps: int = Field(100, ge=1)
-    """Optimizer steps to train."""
+    """Optimizer steps to train (with ``max_tokens``: a hard cap on steps)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Train until this many tokens (non-padding, summed over ranks) have been seen, and run the LR schedule on token
+    progress (``warmup_tokens``, then ``lr_schedule`` decay to ``max_tokens``). Arms whose batches differ in length (a
+    sequence-length curriculum) then compare at equal tokens. Set ``max_steps`` high enough not to stop first."""
+    warmup_tokens: int = Field(0, ge=0)
+    """Linear LR warmup in tokens (with ``max_tokens``)."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -145,6 +153,10 @@ class TrainerSpec(Strict):
     def _checks(self) -> "TrainerSpec":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps must be < max_steps (got {self.warmup_steps} >= {self.max_steps})")
+        if self.max_tokens is not None and self.warmup_tokens >= self.max_tokens:
+            raise ValueError(f"warmup_tokens must be < max_tokens (got {self.warmup_tokens} >= {self.max_tokens})")
+        if self.max_tokens is None and self.warmup_tokens:
+            raise ValueError("warmup_tokens needs max_tokens (the schedule runs in steps otherwise: use warmup_steps)")
         return self
 
 
@@ -269,14 +281,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "c
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> ResolvedRecipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, check_hardware: bool = True) -> ResolvedRecipe:
     """Read, override and validate a recipe. Every problem is a one-line :class:`UserError`."""
     source = str(path)
     data = apply_overrides(read_yaml(path), overrides or [])
-    return validate_recipe(data, source)
+    return validate_recipe(data, source, check_hardware=check_hardware)
 
 
-def validate_recipe(data: dict[str, Any], source: str = "recipe") -> ResolvedRecipe:
+def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardware: bool = True) -> ResolvedRecipe:
+    """Validate a recipe dict. ``check_hardware=False`` checks the schema only (``llm-limits validate``: a recipe for
+    8 GPUs validates on a laptop); ``train`` also checks that this machine can run it."""
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -294,7 +308,8 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> ResolvedRec
             EVALS[name](config).spec()
         except ValueError as e:
             raise UserError(f"{source}: evals[{i}]: {e}") from None
-    _check_hardware(recipe, source)
+    if check_hardware:
+        _check_hardware(recipe, source)
     return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
 
 

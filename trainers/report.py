@@ -135,6 +135,14 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             lines += [f"  - note: {n}" for n in res.get("notes", [])]
         if key in plots:
             lines += ["", f"![{key}]({plots[key]})"]
+        for kind in ("series", "grids"):
+            names = sorted({n for p in phases for n in entry[p].get(kind, {})})
+            for n in names:
+                plot_key = f"{key}.{n}"
+                if plot_key in plots:
+                    lines += ["", f"**{n}**", "", f"![{plot_key}]({plots[plot_key]})"]
+                if kind == "grids":
+                    lines += _grid_tables(n, {p: entry[p]["grids"][n] for p in phases if n in entry[p].get("grids", {})})
         lines.append("")
     if "training" in plots:
         lines += ["## Training", "", f"![training loss]({plots['training']})", ""]
@@ -142,6 +150,18 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     if wb.get("dir"):
         lines += [f"wandb ({wb.get('mode')}): `{wb['dir']}`" + (" (sync with `wandb sync` on that folder)" if wb.get("mode") == "offline" else ""), ""]
     return "\n".join(lines)
+
+
+def _grid_tables(name: str, phases: dict[str, dict[str, Any]]) -> list[str]:
+    """A grid as markdown: one table per phase, rows = y values, columns = x values."""
+    out = []
+    for phase, g in phases.items():
+        out += ["", f"{name}, {phase} ({g['metric']}; rows {g['y_axis']}, columns {g['x_axis']}):", ""]
+        out.append(f"| {g['y_axis']} \\ {g['x_axis']} | " + " | ".join(_num(float(x)) for x in g["x"]) + " |")
+        out.append("|---:|" + "---:|" * len(g["x"]))
+        for y, row in zip(g["y"], g["values"]):
+            out.append(f"| {_num(float(y))} | " + " | ".join(_num(float(v), 3) for v in row) + " |")
+    return out
 
 
 def _key(x: float) -> str:
@@ -176,6 +196,62 @@ def plot_eval(key: str, entry: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_series(title: str, phases: dict[str, dict[str, Any]], path: Path) -> None:
+    """Overlay one named secondary curve (a ``Series`` dict) before vs after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    colours = {"before": "tab:gray", "after": "tab:blue"}
+    series = None
+    for phase, series in phases.items():
+        pts = sorted((float(x), v) for x, v in series["points"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours.get(phase), label=phase)
+    if series:
+        ax.set_xlabel(series["axis"])
+        ax.set_ylabel(series["metric"] + (" (higher is better)" if series["higher_is_better"] else " (lower is better)"))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def plot_grids(title: str, phases: dict[str, dict[str, Any]], path: Path) -> None:
+    """Heatmaps of one named ``Grid`` side by side (before | after) on a shared colour scale, values printed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arrays = {p: np.asarray(g["values"], dtype=float) for p, g in phases.items()}
+    finite = [a[np.isfinite(a)] for a in arrays.values() if np.isfinite(a).any()]
+    vmin = min(float(a.min()) for a in finite) if finite else 0.0
+    vmax = max(float(a.max()) for a in finite) if finite else 1.0
+    if vmin == vmax:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.6), dpi=110, squeeze=False)
+    im = None
+    for ax, (phase, g) in zip(axes[0], phases.items()):
+        a = arrays[phase]
+        im = ax.imshow(a, origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.set_xticks(range(len(g["x"])), [_num(float(x)) for x in g["x"]], fontsize=7)
+        ax.set_yticks(range(len(g["y"])), [_num(float(y)) for y in g["y"]], fontsize=7)
+        ax.set_xlabel(g["x_axis"])
+        ax.set_ylabel(g["y_axis"])
+        ax.set_title(f"{phase}: {g['metric']}", fontsize=9)
+        for j in range(a.shape[0]):
+            for i in range(a.shape[1]):
+                ax.text(i, j, _num(float(a[j, i]), 2), ha="center", va="center", fontsize=6,
+                        color="white" if a[j, i] < (vmin + vmax) / 2 else "black")
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     _save_fig(fig, path)
 
 

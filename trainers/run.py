@@ -26,7 +26,7 @@ from trainers.errors import UserError
 from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero
 from trainers.models import apply_lora, build_model, count_parameters, save_model
 from trainers.recipe import ResolvedRecipe, load_recipe
-from trainers.report import plot_eval, plot_training, read_results, render_markdown, write_atomic, write_results
+from trainers.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
 from trainers.tokenizers import load_tokenizer
 from trainers.tracking import Tracker
 
@@ -276,6 +276,12 @@ def finish_report(results: dict[str, Any], out_dir: Path, history: list[dict[str
         name = f"{key}.png"
         plot_eval(key, entry, out_dir / "plots" / name)
         plots[key] = f"plots/{name}"
+        phases = [p for p in ("before", "after") if entry.get(p)]
+        for kind, draw in (("series", plot_series), ("grids", plot_grids)):
+            for n in sorted({n for p in phases for n in entry[p].get(kind, {})}):
+                per_phase = {p: entry[p][kind][n] for p in phases if n in entry[p].get(kind, {})}
+                draw(f"{key}: {n}", per_phase, out_dir / "plots" / f"{key}.{n}.png")
+                plots[f"{key}.{n}"] = f"plots/{key}.{n}.png"
     if history:
         plot_training(history, out_dir / "plots" / "training.png")
         plots["training"] = "plots/training.png"

@@ -89,6 +89,12 @@ class Tracker:
         data[f"curves/{key}/{phase}"] = wandb.plot.line(
             table, spec.axis, spec.metric, title=f"{result.eval} ({phase}): {spec.metric} vs {spec.axis}"
         )
+        for name, series in result.series.items():
+            t = wandb.Table(columns=[series.axis, series.metric], data=[[x, v] for x, v in sorted(series.points.items())])
+            data[f"curves/{key}/{name}/{phase}"] = wandb.plot.line(t, series.axis, series.metric, title=f"{name} ({phase})")
+        for name, grid in result.grids.items():
+            rows = [[x, y, grid.values[j][i]] for j, y in enumerate(grid.y) for i, x in enumerate(grid.x)]
+            data[f"grids/{key}/{name}/{phase}"] = wandb.Table(columns=[grid.x_axis, grid.y_axis, grid.metric], data=rows)
         self.run.log(data, step=step)
 
     def summarize(self, comparisons: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
