@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast validate clean help
+.PHONY: install demo demo-lm test test-fast validate bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv (if missing) and install llm-limits with its pinned dependencies
 
-demo: $(STAMP)  ## train the baseline recipe on the CPU and print the limits before and after
+demo: $(STAMP)  ## positional curricula: train the fixed-window baseline and PoSE (equal tokens), print both limits
+	$(VENV)/bin/llm-limits train recipes/context/tiny-baseline.yaml
+	$(VENV)/bin/llm-limits train recipes/context/tiny-pose.yaml
+	$(PY) scripts/side_by_side.py runs/context-tiny-baseline runs/context-tiny-pose
+
+demo-lm: $(STAMP)  ## the one-minute foundation demo: a tiny LM and its positional-loss limit
 	$(VENV)/bin/llm-limits train recipes/baseline/tiny-lm.yaml
 
 test: $(STAMP)  ## the whole suite (what CI runs)
@@ -33,6 +38,9 @@ test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process 
 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
+
+bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss and context-eval throughput, as ratios
+	$(PY) scripts/bench_curriculum.py
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -1,11 +1,13 @@
 """Limit evals, registered by name in one dict. Each measures one limit as a curve and reads the limit off it."""
 
 from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
+from evals.context import Context
 from evals.positional_loss import PositionalLoss
 
 EVALS: dict[str, type[Eval]] = {
     "positional_loss": PositionalLoss,
+    "context": Context,
 }
 """``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
 
-__all__ = ["EVALS", "Eval", "EvalConfig", "EvalResult", "Grid", "Series", "LimitSpec", "PositionalLoss", "compare", "read_limit"]
+__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Series", "LimitSpec", "PositionalLoss", "compare", "read_limit"]

@@ -109,11 +109,16 @@ def positional_limit(
     """Read the limit off a loss-by-position curve: ``(limit, threshold, reference, notes)``.
 
     ``reference`` is the mean loss of the first ``reference_buckets`` points, ``threshold = (1 + tolerance) *
-    reference`` and ``limit`` is :func:`~evals.base.read_limit` at that threshold (lower is better), unless the
-    reference is within ``min_gain_nats`` of ``chance_loss``: then nothing was learned and the limit is 0.
+    reference`` and ``limit`` is :func:`~evals.base.read_limit` at that threshold (lower is better) over the points
+    AFTER the reference buckets, unless the reference is within ``min_gain_nats`` of ``chance_loss``: then nothing was
+    learned and the limit is 0. The reference buckets define "early" and count as passed: the first bucket has the
+    least context, so its loss is naturally above the reference mean and must not end the scan (a model with loss
+    1.9, 0.9, 1.1, then 6.8 from position 64 on has used 48 positions, not 0).
 
     >>> positional_limit({16: 2.0, 32: 2.0, 48: 2.9, 64: 3.5}, 2, 0.5, math.log(32), 0.5)[:3]
     (48, 3.0, 2.0)
+    >>> positional_limit({16: 1.93, 32: 0.87, 48: 1.10, 64: 6.8, 80: 10.6}, 2, 0.1, math.log(100), 0.5)[0]
+    48
     >>> positional_limit({16: 3.4, 32: 3.4, 48: 3.4}, 2, 0.1, math.log(32), 0.5)[0]
     0.0
     """
@@ -128,7 +133,8 @@ def positional_limit(
             f"reference loss {reference:.3f} is within min_gain_nats={min_gain_nats:g} of chance "
             f"ln(V)={chance_loss:.3f} (V={v}): nothing learned, limit 0"
         ]
-    limit = read_limit(curve, threshold, higher_is_better=False)
+    after_reference = {x: curve[x] for x in xs[reference_buckets:]}
+    limit = read_limit(after_reference, threshold, higher_is_better=False, floor=xs[reference_buckets - 1])
     notes = []
     if xs and limit == xs[-1]:
         notes.append(f"every bucket is within {tolerance:.0%} of the reference loss {reference:.3f}: the limit is the "

@@ -2,9 +2,11 @@
 
 from mitigations.base import Mitigation, MitigationConfig, StepContext
 from mitigations.noop import NoOp
+from mitigations.positional import Positional
 
 MITIGATIONS: dict[str, type[Mitigation]] = {
     "noop": NoOp,
+    "positional": Positional,
 }
 """``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
 

@@ -23,7 +23,8 @@ from mitigations.base import MODEL_KEYS, Mitigation, StepContext
 from trainers.errors import UserError
 from trainers.recipe import TrainerSpec
 
-NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions")
+NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions", "ssmax")
+"""Parameter-name parts exempt from weight decay (decay would pull SSMax's log-length scale s towards 0)."""
 
 
 class CausalLMModule(L.LightningModule):
@@ -35,7 +36,10 @@ class CausalLMModule(L.LightningModule):
         self.mitigations = [m for m in mitigations if m.enabled]
         self.spec = spec
         for m in self.mitigations:
-            self.model = m.setup(self.model, tokenizer)
+            try:
+                self.model = m.setup(self.model, tokenizer)
+            except ValueError as e:  # e.g. an architecture the mitigation cannot patch
+                raise UserError(f"mitigations: {m.name}: {e}") from None
             if m.reward_fns():  # rewards need an RL trainer; silently ignoring them would train something else
                 raise UserError(
                     f"mitigations: {m.name} provides reward functions, which the Lightning backend cannot use "

@@ -351,7 +351,10 @@ def _entry_config(entry: EntrySpec, index: int, section: str, registry: dict[str
         validated = model.model_validate(params)
     except ValidationError as e:
         raise UserError(f"{source}: {where}.{_format_error(e, model, params)}") from None
-    return to_dataclass(config_cls, validated)
+    try:  # a config's own consistency checks (__post_init__) raise ValueError naming the field
+        return to_dataclass(config_cls, validated)
+    except ValueError as e:
+        raise UserError(f"{source}: {where}: {e}") from None
 
 
 @functools.cache

@@ -260,6 +260,8 @@ def evaluate(
         results["evals"][key] = {"eval": res.eval, "limit_key": limit_key(res.spec.limit, key, limits), phase: res.to_dict()}
         echo(f"eval: {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
 
+    if checkpoint is not None:
+        _restore_mitigations(built, checkpoint)
     built.model.eval()
     # Every eval runs here whatever its `when`: `eval` is the command for measuring, and says which model it measured.
     for key, ev, _ in built.evals:
@@ -267,6 +269,29 @@ def evaluate(
     out_dir.mkdir(parents=True)
     finish_report(results, out_dir, history=None)
     return out_dir
+
+
+def _restore_mitigations(built: Built, checkpoint: str) -> None:
+    """Re-apply the recipe's mitigations to a loaded checkpoint: ``setup`` re-creates what they add to the model (e.g.
+    SSMax's attention function and its ``ssmax_s`` parameters), then the saved values of exactly those added tensors
+    are loaded, since ``from_pretrained`` drops weights that the bare architecture does not have."""
+    from safetensors.torch import load_file
+
+    before = set(built.model.state_dict())
+    for m in built.mitigations:
+        if m.enabled:
+            built.model = m.setup(built.model, built.tokenizer)
+    added = set(built.model.state_dict()) - before
+    if not added:
+        return
+    saved: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        saved.update(load_file(str(f)))
+    missing = sorted(added - set(saved))
+    if missing:
+        raise UserError(f"--checkpoint {checkpoint}: lacks {missing[0]} (and {len(missing) - 1} more) that the recipe's "
+                        "mitigations add; was it trained with the same mitigations?")
+    built.model.load_state_dict({k: saved[k] for k in added}, strict=False)
 
 
 def finish_report(results: dict[str, Any], out_dir: Path, history: list[dict[str, float]] | None) -> None:

@@ -9,10 +9,13 @@ class TaskDataError(ValueError):
 # Imported after TaskDataError: the task modules import it from this package.
 from evals.tasks import synthetic_text  # noqa: E402
 from evals.tasks.synthetic_text import SyntheticTextConfig  # noqa: E402
+from evals.tasks import ruler  # noqa: E402
+from evals.tasks.ruler import RulerConfig  # noqa: E402
 
 TASKS = {
     "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),
+    "ruler": (RulerConfig, ruler.generate),
 }
 """Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
 
-__all__ = ["TASKS", "SyntheticTextConfig", "TaskDataError"]
+__all__ = ["TASKS", "RulerConfig", "SyntheticTextConfig", "TaskDataError"]

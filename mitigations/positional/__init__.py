@@ -1,0 +1,43 @@
+from mitigations.positional.core import (
+    balance_needles,
+    count_keys,
+    curriculum_seq_len,
+    needle_depth,
+    pose_position_ids,
+    ssmax_attention,
+    ssmax_init,
+    ssmax_scale,
+    truncate_batch,
+)
+from mitigations.positional.mitigation import (
+    BalancedConfig,
+    LogScalingConfig,
+    PoseConfig,
+    Positional,
+    PositionalConfig,
+    WarmupConfig,
+    attach_ssmax,
+    register_ssmax_attention,
+    ssmax_attention_forward,
+)
+
+__all__ = [
+    "BalancedConfig",
+    "LogScalingConfig",
+    "PoseConfig",
+    "Positional",
+    "PositionalConfig",
+    "WarmupConfig",
+    "attach_ssmax",
+    "balance_needles",
+    "count_keys",
+    "curriculum_seq_len",
+    "needle_depth",
+    "pose_position_ids",
+    "register_ssmax_attention",
+    "ssmax_attention",
+    "ssmax_attention_forward",
+    "ssmax_init",
+    "ssmax_scale",
+    "truncate_batch",
+]
