@@ -6,7 +6,7 @@
 2. The context eval's batched scoring vs a naive one-example-at-a-time loop over the same grid of records, as a
    throughput ratio.
 
-Usage: .venv/bin/python scripts/bench_curriculum.py [--target-loss 2.25] [--max-steps 1500] [--threads N]
+Usage: .venv/bin/python scripts/bench_curriculum.py [--target-loss 1.2] [--max-steps 4000] [--threads N]
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def bench_eval_throughput(tok, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target-loss", type=float, default=2.25, help="validation loss both arms must reach")
-    p.add_argument("--max-steps", type=int, default=1500, help="give up after this many steps")
+    p.add_argument("--target-loss", type=float, default=1.2, help="validation loss both arms must reach")
+    p.add_argument("--max-steps", type=int, default=4000, help="give up after this many steps")
     p.add_argument("--warmup-steps", type=int, default=300, help="steps of the warmup arm's 16 -> 128 schedule")
     p.add_argument("--eval-every", type=int, default=25, help="steps between validation checks")
     p.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 1)),

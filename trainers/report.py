@@ -236,15 +236,17 @@ def plot_grids(title: str, phases: dict[str, dict[str, Any]], path: Path) -> Non
     vmax = max(float(a.max()) for a in finite) if finite else 1.0
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.6), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.4 * len(phases), 3.6), dpi=110, squeeze=False,
+                             layout="constrained")
     im = None
-    for ax, (phase, g) in zip(axes[0], phases.items()):
+    for n, (ax, (phase, g)) in enumerate(zip(axes[0], phases.items())):
         a = arrays[phase]
         im = ax.imshow(a, origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         ax.set_xticks(range(len(g["x"])), [_num(float(x)) for x in g["x"]], fontsize=7)
         ax.set_yticks(range(len(g["y"])), [_num(float(y)) for y in g["y"]], fontsize=7)
         ax.set_xlabel(g["x_axis"])
-        ax.set_ylabel(g["y_axis"])
+        if n == 0:  # the panels share their axes: one y label
+            ax.set_ylabel(g["y_axis"])
         ax.set_title(f"{phase}: {g['metric']}", fontsize=9)
         for j in range(a.shape[0]):
             for i in range(a.shape[1]):
