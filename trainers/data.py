@@ -9,12 +9,14 @@ packing; the tail shorter than a block is dropped).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evals.tasks import TASKS, TaskDataError
+from evals.tasks.ruler import load_jsonl as ruler_load_jsonl
 from evals.tasks.synthetic_text import load_jsonl
 from trainers.errors import UserError
 from trainers.recipe import DataSpec
@@ -108,21 +110,41 @@ def fit_context_chars(config_cls: type, generate: Any, params: dict[str, Any], t
     return int(budget * chars_per_token) if chars_per_token > 1 else budget
 
 
-def load_records(spec: DataSpec, seed: int) -> list[dict[str, Any]]:
-    """The text records of the recipe's data section."""
+def load_records(spec: DataSpec, seed: int, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """The records of the recipe's data section: text records ``{"text"}`` or question/answer records
+    ``{"context", "query", "answer", ...}`` (the ``ruler`` schema), from the user's JSONL file or a task generator.
+
+    A generator whose config has ``context_chars`` (``ruler``) and no value for it in ``data.params`` gets the value
+    that fills ``data.seq_len`` tokens under ``tokenizer``."""
     if spec.path is not None:
+        loader = ruler_load_jsonl if _first_record_has(spec.path, "query") else load_jsonl
         try:
-            return load_jsonl(spec.path)
+            return loader(spec.path)
         except TaskDataError as e:
             raise UserError(f"data.path: {e}") from None
     config_cls, generate = TASKS[spec.task]
-    _check_params(spec, config_cls, spec.params)
-    params = dict(spec.params)
-    params.setdefault("seed", seed)
+    params = {"seed": seed, **spec.params}
+    _check_params(spec, config_cls, params)
+    if "context_chars" in {f.name for f in dataclasses.fields(config_cls)} and "context_chars" not in params:
+        params["context_chars"] = fit_context_chars(config_cls, generate, params, tokenizer, spec.seq_len)
     try:
         return generate(config_cls(**params))
     except (TypeError, ValueError) as e:
         raise UserError(f"data.params: {e}") from None
+
+
+def _first_record_has(path: str, field: str) -> bool:
+    """Whether the first non-blank JSON line of ``path`` has ``field`` (a missing or bad file answers False and the
+    loader then reports it properly)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    return isinstance(rec, dict) and field in rec
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def tokenize_to_blocks(records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> torch.Tensor:
@@ -145,34 +167,24 @@ def tokenize_to_blocks(records: list[dict[str, Any]], tokenizer: Any, seq_len: i
 
 
 def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Train and validation datasets; validation takes the last ``val_fraction`` of the blocks (or examples)."""
-    if spec.path is None and spec.task == "ruler":
-        return _qa_datasets(spec, tokenizer, seed)
-    blocks = tokenize_to_blocks(load_records(spec, seed), tokenizer, spec.seq_len)
+    """Train and validation datasets; validation takes the last ``val_fraction`` of the blocks (or examples).
+
+    Text records are packed into blocks; question/answer records become one padded row each."""
+    records = load_records(spec, seed, tokenizer)
+    if records and "query" in records[0]:
+        rows, _ = qa_rows(records, tokenizer, spec.seq_len, spec.loss_on)
+        if not rows:
+            raise UserError(f"data: none of the {len(records)} question/answer examples fits data.seq_len={spec.seq_len} tokens")
+        n_val = int(round(len(rows) * spec.val_fraction))
+        val = QADataset(rows[len(rows) - n_val :]) if n_val and len(rows) > n_val else None
+        return QADataset(rows[: len(rows) - n_val] if val else rows), val
+    blocks = tokenize_to_blocks(records, tokenizer, spec.seq_len)
     n_val = int(round(blocks.shape[0] * spec.val_fraction))
     if n_val and blocks.shape[0] - n_val < 1:
         n_val = 0
     train = BlockDataset(blocks[: blocks.shape[0] - n_val])
     val = BlockDataset(blocks[blocks.shape[0] - n_val :]) if n_val else None
     return train, val
-
-
-def _qa_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[QADataset, QADataset | None]:
-    config_cls, generate = TASKS[spec.task]
-    params = {"seed": seed, **spec.params}
-    _check_params(spec, config_cls, params)
-    if "context_chars" not in params:
-        params["context_chars"] = fit_context_chars(config_cls, generate, params, tokenizer, spec.seq_len)
-    try:
-        records = generate(config_cls(**params))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"data.params: {e}") from None
-    rows, dropped = qa_rows(records, tokenizer, spec.seq_len, spec.loss_on)
-    if not rows:
-        raise UserError(f"data: none of the {len(records)} {spec.task} examples fits data.seq_len={spec.seq_len} tokens")
-    n_val = int(round(len(rows) * spec.val_fraction))
-    val = QADataset(rows[len(rows) - n_val :]) if n_val and len(rows) > n_val else None
-    return QADataset(rows[: len(rows) - n_val] if val else rows), val
 
 
 def _check_params(spec: DataSpec, config_cls: type, params: dict[str, Any]) -> None:

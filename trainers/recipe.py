@@ -87,7 +87,8 @@ class DataSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the task's config (e.g. ``num_docs``, ``doc_chars``)."""
     path: str | None = None
-    """A JSONL file of ``{"text": ...}`` lines to train on instead of the generator."""
+    """A JSONL file to train on instead of the generator: ``{"text": ...}`` lines (packed into blocks) or needle
+    records ``{"context", "query", "answer", "needle_spans"?}`` (the ``ruler`` schema; one padded row each)."""
     seq_len: int = Field(64, ge=8)
     """Tokens per training sequence (documents are concatenated and cut into blocks of this length)."""
     batch_size: int = Field(16, ge=1)

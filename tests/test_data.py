@@ -1,0 +1,61 @@
+"""Training data: text records pack into blocks; needle records become one padded row each with exact token spans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals.tasks.ruler import RulerConfig, generate
+from trainers.data import build_datasets, qa_rows
+from trainers.errors import UserError
+from trainers.recipe import DataSpec
+from trainers.tokenizers import build_char_tokenizer
+
+TOK = build_char_tokenizer()
+
+
+def test_generated_needle_rows_fill_the_window_with_exact_spans():
+    train, val = build_datasets(DataSpec(task="ruler", params={"num_examples": 40}, seq_len=64, val_fraction=0.1), TOK, 0)
+    assert len(train) == 36 and len(val) == 4
+    for i in range(len(train)):
+        row = train[i]
+        assert row["input_ids"].shape == (64,) and int(row["attention_mask"].sum()) == 64  # char tokenizer: exact fit
+        needle = TOK.decode(row["input_ids"][row["needle_start"] : row["needle_end"]])
+        assert needle.startswith("#") and needle.endswith(".")  # the `#key:value.` needle, whole
+        text = TOK.decode(row["input_ids"][: row["context_end"]])
+        assert needle in text and int(row["context_start"]) == 0
+
+
+def test_loss_on_answer_masks_everything_but_the_answer_and_eos():
+    rec = generate(RulerConfig(num_examples=1, context_chars=40, seed=5))[0]
+    (row,), dropped = qa_rows([rec], TOK, 64, "answer")
+    assert dropped == 0
+    kept = row["labels"][row["labels"] != -100]
+    assert TOK.decode(kept) == rec["answer"] + TOK.eos_token
+    (full,), _ = qa_rows([rec], TOK, 64, "all")
+    n = int(full["attention_mask"].sum())
+    assert (full["labels"][:n] == full["input_ids"][:n]).all() and (full["labels"][n:] == -100).all()
+
+
+def test_rows_that_do_not_fit_are_dropped_and_none_fitting_is_an_error():
+    recs = generate(RulerConfig(num_examples=3, context_chars=100, seed=1))
+    rows, dropped = qa_rows(recs, TOK, 64, "all")
+    assert rows == [] and dropped == 3
+    with pytest.raises(UserError, match="none of the 3 question/answer examples fits data.seq_len=32"):
+        build_datasets(DataSpec(task="ruler", params={"num_examples": 3, "context_chars": 100}, seq_len=32), TOK, 0)
+
+
+def test_user_jsonl_of_needle_records_or_text(tmp_path):
+    qa = tmp_path / "needles.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in generate(RulerConfig(num_examples=5, context_chars=40, seed=2))))
+    train, _ = build_datasets(DataSpec(path=str(qa), seq_len=64, val_fraction=0.0), TOK, 0)
+    assert len(train) == 5 and int(train[0]["needle_start"]) >= 0
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": "the red fox sees a cat. " * 4}) + "\n" for _ in range(8)))
+    blocks, _ = build_datasets(DataSpec(path=str(text), seq_len=32, val_fraction=0.0), TOK, 0)
+    assert blocks[0]["input_ids"].shape == (32,) and int(blocks[0]["needle_start"]) == -1  # plain rows carry -1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "abc", "query": "?"}\n')
+    with pytest.raises(UserError, match=r"^data\.path: .*bad\.jsonl:1: missing field"):
+        build_datasets(DataSpec(path=str(bad), seq_len=32), TOK, 0)
