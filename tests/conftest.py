@@ -40,6 +40,19 @@ TINY: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module: tiny models gain nothing from more, and on a busy 2-core machine two
+    threads spin against other processes (a 2 s test became 30 s). Use with ``pytestmark =
+    pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_recipe() -> dict[str, Any]:
     """A fresh copy of the tiny recipe (tests mutate it)."""

@@ -35,6 +35,8 @@ from trainers.tokenizers import build_char_tokenizer
 SMALL = {"lengths": [32, 64, 128], "depths": [0.0, 0.5, 1.0], "examples_per_cell": 2, "batch_size": 8}
 """A 3 x 3 grid of 2 prompts per cell: 18 prompts, well under a second on a tiny model."""
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- fixtures: the project's char tokenizer and 2-layer models ------------------------------------------------------
 def tiny(arch: str, vocab_size: int, positions: int = 1024, init: float = 0.02, seed: int = 0):
@@ -50,13 +52,6 @@ def tiny(arch: str, vocab_size: int, positions: int = 1024, init: float = 0.02, 
     return AutoModelForCausalLM.from_config(config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and the timings stay steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from evals.positional_loss import (
 )
 from evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- fixtures: a character tokenizer and 2-layer models, built once -----------------------------------------------
 def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
@@ -52,14 +54,6 @@ def tiny_gpt2(vocab_size: int, n_positions: int = 256, seed: int = 0):
     return AutoModelForCausalLM.from_config(config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine two threads spin against other
-    processes (a 2 s test became 30 s); one thread keeps the timings steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ from pathlib import Path
 
 from evals.tasks import TaskDataError
 from evals.tasks import synthetic_text
-from evals.tasks.synthetic_text import SyntheticTextConfig, _json_type
+from evals.tasks.jsonl import json_objects, json_type
+from evals.tasks.synthetic_text import SyntheticTextConfig
 
 TASK_NAMES = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 """The sub-tasks :class:`RulerConfig` ``task`` may name."""
@@ -423,50 +424,27 @@ def load_jsonl(path: str | PathLike) -> list[dict]:
     :class:`~evals.tasks.TaskDataError` with a one-line message naming the file and line, e.g.
     ``data.jsonl:3: missing field "answer" (expected a JSON object with strings "context", "query" and "answer")``.
     """
-    name = str(path)
     expected = 'expected a JSON object with strings "context", "query" and "answer"'
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TaskDataError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise TaskDataError(f"{name}: is a directory (expected a JSONL file)") from None
-    except OSError as err:
-        raise TaskDataError(f"{name}: cannot read ({err.strerror or err})") from None
-
     records = []
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        where = f"{name}:{lineno}"
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise TaskDataError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskDataError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise TaskDataError(f"{where}: got a JSON {_json_type(obj)} ({expected})")
+    for where, obj in json_objects(path, expected):
         for field in ("context", "query", "answer"):
             if field not in obj:
                 raise TaskDataError(f'{where}: missing field "{field}" ({expected})')
             if not isinstance(obj[field], str):
-                raise TaskDataError(f'{where}: field "{field}" is a JSON {_json_type(obj[field])} ({expected})')
+                raise TaskDataError(f'{where}: field "{field}" is a JSON {json_type(obj[field])} ({expected})')
         context = obj["context"]
         task = obj.get("task", "custom")
         if not isinstance(task, str):
-            raise TaskDataError(f'{where}: field "task" is a JSON {_json_type(task)} (expected a string)')
+            raise TaskDataError(f'{where}: field "task" is a JSON {json_type(task)} (expected a string)')
         depth = obj.get("depth", -1.0)
         if not _is_number(depth):
-            raise TaskDataError(f'{where}: field "depth" is a JSON {_json_type(depth)} (expected a number)')
+            raise TaskDataError(f'{where}: field "depth" is a JSON {json_type(depth)} (expected a number)')
         if not (0.0 <= depth <= 1.0 or depth == -1):
             raise TaskDataError(f'{where}: field "depth" is {depth} (expected a number within [0, 1], or -1 for '
                                 f'unknown)')
         context_chars = obj.get("context_chars", len(context))
         if not _is_int(context_chars) or context_chars < 0:
-            got = context_chars if _is_int(context_chars) else f"a JSON {_json_type(context_chars)}"
+            got = context_chars if _is_int(context_chars) else f"a JSON {json_type(context_chars)}"
             raise TaskDataError(f'{where}: field "context_chars" is {got} (expected an integer >= 0)')
         records.append({
             "task": task,
@@ -477,8 +455,6 @@ def load_jsonl(path: str | PathLike) -> list[dict]:
             "depth": float(depth),
             "context_chars": context_chars,
         })
-    if not records:
-        raise TaskDataError(f"{name}: no records (expected at least one JSON line)")
     return records
 
 
@@ -487,7 +463,7 @@ def _spans(value: object, n: int, where: str) -> list[list[int]]:
     n``."""
     expected = f"expected ascending [start, end] pairs with 0 <= start < end <= {n}, the context's length"
     if not isinstance(value, list):
-        raise TaskDataError(f'{where}: field "needle_spans" is a JSON {_json_type(value)} ({expected})')
+        raise TaskDataError(f'{where}: field "needle_spans" is a JSON {json_type(value)} ({expected})')
     spans, prev_end = [], 0
     for i, span in enumerate(value):
         if not (isinstance(span, list) and len(span) == 2 and all(_is_int(x) for x in span)):

@@ -12,13 +12,12 @@ uses the recipe's seed, the evals their own) and :func:`load_jsonl` (a user's ow
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
 
 from evals.tasks import TaskDataError
+from evals.tasks.jsonl import json_objects, json_type
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 """Every character :func:`generate` can emit, and no other: lowercase letters, space, ``.``, ``,`` and newline."""
@@ -159,52 +158,13 @@ def load_jsonl(path: str | PathLike, text_field: str = "text") -> list[dict]:
     Blank lines are skipped. Any other problem raises :class:`~evals.tasks.TaskDataError` with a one-line message
     naming the file and line, e.g. ``data.jsonl:3: not valid JSON (Expecting ',' delimiter)``.
     """
-    name = str(path)
     expected = f'expected a JSON object with a string "{text_field}"'
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TaskDataError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise TaskDataError(f"{name}: is a directory (expected a JSONL file)") from None
-    except OSError as err:
-        raise TaskDataError(f"{name}: cannot read ({err.strerror or err})") from None
-
     records = []
-    for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        try:
-            line = line_bytes.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise TaskDataError(f"{name}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskDataError(f"{name}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise TaskDataError(f"{name}:{lineno}: got a JSON {_json_type(obj)} ({expected})")
+    for where, obj in json_objects(path, expected):
         if text_field not in obj:
-            raise TaskDataError(f'{name}:{lineno}: missing field "{text_field}" ({expected})')
+            raise TaskDataError(f'{where}: missing field "{text_field}" ({expected})')
         text = obj[text_field]
         if not isinstance(text, str):
-            raise TaskDataError(f'{name}:{lineno}: field "{text_field}" is a JSON {_json_type(text)} ({expected})')
+            raise TaskDataError(f'{where}: field "{text_field}" is a JSON {json_type(text)} ({expected})')
         records.append({"text": text})
-    if not records:
-        raise TaskDataError(f"{name}: no records (expected at least one JSON line)")
     return records
-
-
-def _json_type(value: object) -> str:
-    """JSON's name for the type of a decoded value (``array``, ``number``...)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "string"
