@@ -69,6 +69,7 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs and CI)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Write the run here instead of runs/<name>/<time>/."),
 ) -> None:
     """Validate -> build -> eval before -> train -> eval after -> report, into runs/<name>/<time>/."""
     _quiet_libraries()
@@ -83,13 +84,13 @@ def train(
     if recipe is not None and "=" in recipe:
         _fail(UserError(f"train: the first argument must be a recipe file (got the override {recipe!r})"))
     try:
-        run_dir = run.train(recipe or "", args, resume=resume, progress=not no_progress, echo=console.print)
+        out = run.train(recipe or "", args, resume=resume, progress=not no_progress, echo=console.print, run_dir=run_dir)
     except UserError as e:
         _fail(e)
     from trainers.lightning_backend import is_rank_zero
 
     if is_rank_zero():
-        _print_summary(run_dir)
+        _print_summary(out)
 
 
 @app.command("eval")
@@ -108,6 +109,50 @@ def eval_(
     except UserError as e:
         _fail(e)
     _print_summary(out)
+
+
+@app.command()
+def ablate(
+    recipe: str = typer.Argument(..., help="Recipe YAML (its ablate: section gives the grid, seeds and control)."),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY.PATH=V1,V2 (repeatable; adds to ablate.grid)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per combination (default: ablate.seeds or 1)."),
+    jobs: int = typer.Option(1, "--jobs", help="Arms run at once (each is its own process)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Ablation directory (default: runs/<name>/ablation)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the arms and their status; run nothing."),
+) -> None:
+    """Run a recipe over a grid x seeds (one run directory per arm; finished arms are skipped), then compare."""
+    _quiet_libraries()
+    from trainers.ablate import run_ablation
+
+    try:
+        root = run_ablation(recipe, list(grid or []), seeds=seeds, jobs=jobs, out=out, dry_run=dry_run,
+                            echo=lambda m: console.print(m, markup=False, soft_wrap=True))
+    except UserError as e:
+        _fail(e)
+    if not dry_run:
+        console.print(f"next: llm-limits compare {root}", markup=False)
+
+
+@app.command()
+def compare(
+    targets: list[str] = typer.Argument(..., help="Run directories, or one ablation directory."),
+    control: Optional[str] = typer.Option(None, "--control", help="Label of the arm the others are compared with."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write the report (default: <ablation>/compare)."),
+    wandb_mode: str = typer.Option("offline", "--wandb", help="Summary wandb run: offline, online or disabled."),
+) -> None:
+    """Before/after/delta per arm with 95% bootstrap intervals over seeds; each arm against the control."""
+    _quiet_libraries()
+    from trainers import compare as cmp
+
+    try:
+        out_dir = cmp.compare([Path(t) for t in targets], Path(out) if out else None, control=control,
+                              wandb_mode=wandb_mode)
+    except UserError as e:
+        _fail(e)
+    import json
+
+    cmp.print_table(json.loads((out_dir / "compare.json").read_text()), console)
+    console.print(f"report: {out_dir / 'compare.md'} and {out_dir / 'compare.html'}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -181,6 +181,19 @@ class WandbSpec(Strict):
     group: str | None = None
     """Runs of one comparison share a group (ablations set it)."""
     tags: list[str] = Field(default_factory=list)
+    job_type: str | None = None
+    """wandb job type (an ablation sets it to the arm's label)."""
+
+
+class AblateSpec(Strict):
+    """``llm-limits ablate``: one arm per combination of the grid's values and per seed."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """Recipe key path -> the values to try, e.g. ``mitigations.0.pose.enabled: [true, false]``."""
+    seeds: int = Field(1, ge=1)
+    """Seeds per combination (``seed`` = 0 .. seeds-1)."""
+    control: dict[str, Any] = Field(default_factory=dict)
+    """The grid values of the control arm that every other arm is compared with (default: the first combination)."""
 
 
 class TrackingSpec(Strict):
@@ -200,6 +213,8 @@ class Recipe(Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     output_dir: str = "runs"
     """Root of run directories."""
+    ablate: AblateSpec | None = None
+    """The ablation grid for ``llm-limits ablate`` (``train`` ignores it)."""
 
 
 @dataclasses.dataclass

@@ -136,10 +136,14 @@ def run_evals(
 
 def train(
     recipe_path: str, overrides: list[str] | None = None, *, resume: str | None = None, progress: bool = True,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = print, run_dir: str | None = None,
 ) -> Path:
-    """``llm-limits train``: the whole lifecycle. Returns the run directory."""
+    """``llm-limits train``: the whole lifecycle. Returns the run directory (``run_dir`` when given: it must not hold
+    a run yet; an ablation uses it to put each arm where it will look for it)."""
+    fixed_dir = run_dir
     # --- validate -----------------------------------------------------------------------------------------------
+    if fixed_dir is not None and is_rank_zero() and Path(fixed_dir).exists() and any(Path(fixed_dir).iterdir()):
+        raise UserError(f"--run-dir {fixed_dir}: already holds files (use --resume to continue a run there)")
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / RECIPE_FILE).is_file():
@@ -148,7 +152,7 @@ def train(
         resolved.source = str(run_dir / RECIPE_FILE)
     else:
         resolved = load_recipe(recipe_path, overrides)
-        run_dir = None
+        run_dir = None  # made below, once everything has been built
     r = resolved.recipe
     # --- build (all user errors surface here, before anything is written) ----------------------------------------
     built, train_loader, val_loader = build(resolved)
@@ -157,7 +161,13 @@ def train(
 
     if run_dir is None:
         env_dir = os.environ.get(RUN_DIR_ENV)
-        run_dir = Path(env_dir) if (env_dir and not rank0) else new_run_dir(r.output_dir, r.name)
+        if env_dir and not rank0:
+            run_dir = Path(env_dir)
+        elif fixed_dir is not None:
+            run_dir = Path(fixed_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = new_run_dir(r.output_dir, r.name)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # launched ranks inherit it
     results_path = run_dir / RESULTS_FILE
     results = read_results(results_path) if (resume and results_path.exists()) else _new_results(resolved, run_dir)

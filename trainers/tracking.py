@@ -41,6 +41,7 @@ class Tracker:
             project=spec.project,
             entity=spec.entity,
             group=spec.group,
+            job_type=spec.job_type,
             tags=spec.tags or None,
             name=f"{name}-{run_dir.name}",
             dir=str(run_dir),
