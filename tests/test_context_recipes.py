@@ -51,6 +51,16 @@ def test_each_context_recipe_trains_and_reports(recipe: Path, tmp_path):
     assert "accuracy, after (niah_acc; rows depth, columns context_len)" in report
 
 
+def test_warmup_too_short_for_the_needle_rows_is_one_line(tmp_path):
+    """min_len 16 cannot hold needle + query + answer (21 tokens): the mitigation's refusal reaches the user as one
+    line naming the mitigation and the step, exit 2, not a traceback from inside the training loop."""
+    recipe = REPO / "recipes" / "context" / "tiny-curriculum.yaml"
+    out = run_in_process("train", str(recipe), f"output_dir={tmp_path}", "mitigations.0.warmup.min_len=16", *TOY)
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: mitigations: positional at step 0: row 0: cannot truncate")
+
+
 @pytest.mark.slow
 def test_resumed_curriculum_continues_where_it_stopped(tmp_path):
     """Stop the combined recipe after 4 steps (checkpoint every 2), resume to 6: the mitigation's step counter, its

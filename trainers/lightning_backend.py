@@ -68,7 +68,10 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ctx = self._ctx()
         for m in self.mitigations:
-            batch = m.transform_batch(batch, ctx)
+            try:
+                batch = m.transform_batch(batch, ctx)
+            except ValueError as e:  # the recipe's knobs do not fit its data (e.g. a warmup shorter than a needle row)
+                raise UserError(f"mitigations: {m.name} at step {ctx.step}: {e}") from None
         outputs = self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
         loss = outputs.loss
         lm_loss = loss.detach()
