@@ -29,7 +29,8 @@ def main(args: list[str]) -> None:
         raise SystemExit(__doc__)
     table = Table(title="limits side by side", box=None)
     for col in ("run", "eval", "limit", "before", "after", "delta", "after curve"):
-        table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left")
+        # run names are what the reader compares: never cut them
+        table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left", no_wrap=col == "run")
     for arg in args:
         run = newest_run(Path(arg))
         results = json.loads((run / "results.json").read_text())
@@ -44,7 +45,8 @@ def main(args: list[str]) -> None:
                 "-" if before is None else f"{before['limit_value']:g}", "-" if after is None else f"{after['limit_value']:g}",
                 "-" if delta is None else f"{delta:+g}", f"{spec['metric']} {pts}",
             )
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 132)).print(table)  # a log or pipe gets the whole row, not 80 columns
 
 
 if __name__ == "__main__":
