@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 

@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.context import score_records  # noqa: E402
 from evals.tasks.ruler import RulerConfig, generate as ruler_generate  # noqa: E402
-from evals.tasks.synthetic_text import SyntheticTextConfig  # noqa: E402
 from mitigations.base import StepContext  # noqa: E402
 from mitigations.positional import Positional, PositionalConfig  # noqa: E402
 from mitigations.positional.mitigation import WarmupConfig  # noqa: E402
-from trainers.data import BlockDataset, load_records, tokenize_to_blocks  # noqa: E402
+from trainers.data import load_records, tokenize_to_blocks  # noqa: E402
 from trainers.models import build_model  # noqa: E402
 from trainers.recipe import DataSpec  # noqa: E402
 from trainers.tokenizers import build_char_tokenizer  # noqa: E402
