@@ -3,10 +3,12 @@
 from mitigations.base import Mitigation, MitigationConfig, StepContext
 from mitigations.noop import NoOp
 from mitigations.positional import Positional
+from mitigations.process_rewards import ProcessRewards
 
 MITIGATIONS: dict[str, type[Mitigation]] = {
     "noop": NoOp,
     "positional": Positional,
+    "process_rewards": ProcessRewards,
 }
 """``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
 

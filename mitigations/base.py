@@ -6,7 +6,9 @@ A backend (``trainers/``) builds each mitigation from its recipe entry and calls
    model in place (e.g. swap the attention function) and returns it.
 2. per optimizer micro-step: ``transform_batch(batch, ctx)`` (in list order, each sees the previous one's output),
    the forward pass, then ``extra_loss(outputs, batch, ctx)`` whose non-``None`` results are added to the LM loss.
-3. ``reward_fns()`` when an RL backend builds its reward list (TRL's ``reward_funcs`` signature).
+3. ``reward_fns()`` when an RL backend builds its reward list (TRL's ``reward_funcs`` signature), and
+   ``step_rewards(prompts, completions, **columns)`` after each generation when the mitigation asks for step-level
+   advantages (DeepSeekMath's process supervision): ``None`` means "sequence-level advantages from the rewards".
 4. ``state_dict()`` into every checkpoint and ``load_state_dict()`` on resume, so a curriculum continues exactly.
 
 This module imports torch only: never Lightning, TRL, ``trainers`` or ``evals`` (the dependency rule of
@@ -102,6 +104,13 @@ class Mitigation:
         """Reward functions in TRL's signature ``f(completions, **kwargs) -> list[float]``."""
         return []
 
+    def step_rewards(self, prompts: list[str], completions: list[str], **columns: Any) -> list[list[tuple[int, float]]] | None:
+        """Per completion, its steps as ``(end_char, reward)``: ``end_char`` is the index in the completion string of
+        the character that closes the step (its separator, or the last character for the final step). An RL backend
+        that gets a list turns it into per-token advantages (each token gets the sum of the group-normalised rewards
+        of the steps that end at or after it); ``None`` (the default) keeps sequence-level advantages."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after a resume (curriculum position, counters, RNG state)."""
         return {}
@@ -122,5 +131,5 @@ class Mitigation:
 
 def hooks_overridden(mitigation: Mitigation) -> list[str]:
     """Names of the hooks a mitigation implements (for logs and ``llm-limits ls``)."""
-    names = ["setup", "transform_batch", "extra_loss", "reward_fns", "state_dict", "load_state_dict"]
+    names = ["setup", "transform_batch", "extra_loss", "reward_fns", "step_rewards", "state_dict", "load_state_dict"]
     return [n for n in names if getattr(type(mitigation), n) is not getattr(Mitigation, n)]

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
 from trainers.errors import UserError
 
@@ -43,6 +43,10 @@ _ROPE_LEGACY_KEYS = ("rope_theta", "rope_scaling", "partial_rotary_factor")
 """Pre-v5 RoPE keys that ``transformers`` still folds into ``rope_parameters`` for configs that have it."""
 
 
+HEADS = {"causal_lm": AutoModelForCausalLM, "token_classification": AutoModelForTokenClassification}
+"""``build_model(head=...)`` -> the Auto class that puts that head on the backbone."""
+
+
 # --- building ----------------------------------------------------------------------------------------------------
 def build_model(
     model_type: str | None = None,
@@ -57,8 +61,10 @@ def build_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     field_prefix: str = "model",
+    head: str = "causal_lm",
 ) -> PreTrainedModel:
-    """A causal LM, from scratch (``model_type`` + ``config``) or from ``path``; exactly one of the two.
+    """A causal LM (or, with ``head="token_classification"``, the same backbone with a one-logit token-classification
+    head: a process reward model scored at step ends), from scratch (``model_type`` + ``config``) or from ``path``; exactly one of the two.
 
     From scratch: ``AutoConfig.for_model(model_type, **config)`` then ``AutoModelForCausalLM.from_config``, with
     random weights (seed torch beforehand for a reproducible init). Every key of ``config`` is checked against the
@@ -97,12 +103,16 @@ def build_model(
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = attn_implementation
 
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)} (got {head!r})")
+    if head == "token_classification":
+        load_kwargs["num_labels"] = 1
     if model_type is not None:
-        model = _from_config(model_type, config, vocab_size, token_ids, load_kwargs, field_prefix)
+        model = _from_config(model_type, config, vocab_size, token_ids, load_kwargs, field_prefix, HEADS[head])
     else:
-        model = _from_pretrained(path, config, token_ids, load_kwargs, field_prefix)
+        model = _from_pretrained(path, config, token_ids, load_kwargs, field_prefix, HEADS[head])
 
-    if getattr(model, "loss_type", None) is None:
+    if head == "causal_lm" and getattr(model, "loss_type", None) is None:
         # Classes not named *ForCausalLM (gpt2's GPT2LMHeadModel) get no loss type and transformers warns on the first
         # loss; every model built here is a causal LM, so name the loss it falls back to anyway.
         model.loss_type = "ForCausalLM"
@@ -123,6 +133,7 @@ def _from_config(
     token_ids: dict[str, int],
     load_kwargs: dict[str, Any],
     field_prefix: str,
+    auto_cls: Any = AutoModelForCausalLM,
 ) -> PreTrainedModel:
     config_cls = _causal_config_class(model_type, field_prefix)
     _check_config_keys(config_cls, config, model_type, field_prefix)
@@ -138,9 +149,11 @@ def _from_config(
     # config class's defaults (gpt2's 50256 lies outside a small vocab and transformers warns about it).
     ids = {key: config.get(key, value) if value is None else value for key, value in token_ids.items()}
     config = {**config, "vocab_size": user_vocab or vocab_size, **ids}
+    if "num_labels" in load_kwargs:  # a config field, not a from_config argument
+        config["num_labels"] = load_kwargs.pop("num_labels")
     try:
         model_config = AutoConfig.for_model(model_type, **config)
-        return AutoModelForCausalLM.from_config(model_config, **load_kwargs)
+        return auto_cls.from_config(model_config, **load_kwargs)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- transformers rejects bad configs with many types; name them all
@@ -155,6 +168,7 @@ def _from_pretrained(
     token_ids: dict[str, int],
     load_kwargs: dict[str, Any],
     field_prefix: str,
+    auto_cls: Any = AutoModelForCausalLM,
 ) -> PreTrainedModel:
     source = resolve_pretrained(path, f"{field_prefix}.path")
     trust = load_kwargs["trust_remote_code"]
@@ -168,7 +182,7 @@ def _from_pretrained(
             setattr(stored, key, value)
         load_kwargs = {**load_kwargs, "config": stored}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_cls.from_pretrained(
             source, local_files_only=True, adapter_kwargs={"local_files_only": True}, **load_kwargs
         )
     except UserError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -108,9 +109,41 @@ class DataSpec(Strict):
 Strategy = Literal["auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
 
 
+class TrlSpec(Strict):
+    """The TRL backend's own knobs (``trainer.backend: trl``); the shared ones (lr, steps, batch, precision,
+    strategy, checkpoints) stay in ``trainer``."""
+
+    algorithm: Literal["sft", "grpo", "prm"] = "sft"
+    """``sft``: TRL's SFTTrainer on prompt/completion records (loss on the completion); ``grpo``: TRL's GRPOTrainer
+    with the mitigations' rewards (step-level advantages when a mitigation asks for them); ``prm``: a reward model
+    (token-classification head) trained on step labels with a Hugging Face Trainer (TRL dropped its PRMTrainer)."""
+    num_generations: int = Field(8, ge=2)
+    """GRPO: completions sampled per prompt (the group that normalises rewards)."""
+    max_completion_length: int = Field(64, ge=1)
+    """GRPO: tokens generated per completion at most."""
+    temperature: float = Field(1.0, gt=0)
+    """GRPO: sampling temperature."""
+    beta: float = Field(0.0, ge=0)
+    """GRPO: KL coefficient against the reference (start) model; 0 loads no reference model (TRL's default)."""
+    epsilon: float = Field(0.2, gt=0)
+    """GRPO: PPO clip range."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """GRPO: how token losses are averaged (TRL's ``loss_type``; ``grpo`` is the DeepSeekMath paper's)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide sequence-level advantages by the group's reward std (``group``, the paper's), the batch's, or not."""
+    num_iterations: int = Field(1, ge=1)
+    """GRPO: optimisation passes per generated batch (the paper's mu)."""
+    reward_model_target: Literal["process", "outcome"] = "process"
+    """PRM: ``process`` puts each step's label at its step end (a PRM); ``outcome`` puts the final answer's
+    correctness at every step end (an outcome reward model, the baseline of Lightman et al. 2023)."""
+
+
 class TrainerSpec(Strict):
-    backend: Literal["lightning"] = "lightning"
-    """Training backend."""
+    backend: Literal["lightning", "trl"] = "lightning"
+    """Training backend: ``lightning`` (causal-LM training with every mitigation hook) or ``trl`` (SFT, GRPO and
+    reward models; settings in ``trainer.trl``)."""
+    trl: TrlSpec = Field(default_factory=TrlSpec)
+    """Settings of the TRL backend (ignored by ``lightning``)."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to train (with ``max_tokens``: a hard cap on steps)."""
     max_tokens: int | None = Field(None, ge=1)
@@ -158,6 +191,10 @@ class TrainerSpec(Strict):
             raise ValueError(f"warmup_tokens must be < max_tokens (got {self.warmup_tokens} >= {self.max_tokens})")
         if self.max_tokens is None and self.warmup_tokens:
             raise ValueError("warmup_tokens needs max_tokens (the schedule runs in steps otherwise: use warmup_steps)")
+        if self.backend == "trl" and self.max_tokens is not None:
+            raise ValueError("max_tokens: the trl backend counts optimizer steps; use max_steps")
+        if self.backend == "trl" and self.precision == "bf16-true":
+            raise ValueError("precision: the trl backend takes bf16-mixed (set model.dtype: bfloat16 for bf16 weights)")
         return self
 
 
@@ -324,9 +361,25 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
             EVALS[name](config).spec()
         except ValueError as e:
             raise UserError(f"{source}: evals[{i}]: {e}") from None
+    _check_backend(recipe, source)
     if check_hardware:
         _check_hardware(recipe, source)
     return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
+
+
+def _check_backend(recipe: Recipe, source: str) -> None:
+    """Cross-section rules of the TRL backend (the schema of one section cannot see the others)."""
+    t = recipe.trainer
+    if t.backend != "trl" or t.trl.algorithm != "grpo":
+        return
+    world = t.devices * t.num_nodes
+    per_generation = recipe.data.batch_size * t.grad_accum * world
+    if per_generation % t.trl.num_generations:
+        raise UserError(
+            f"{source}: data.batch_size: GRPO generates data.batch_size x trainer.grad_accum x devices = "
+            f"{per_generation} completions per batch, which must be a multiple of trainer.trl.num_generations "
+            f"({t.trl.num_generations})"
+        )
 
 
 def _check_hardware(recipe: Recipe, source: str) -> None:
@@ -334,13 +387,18 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
     t = recipe.trainer
     cuda = _cuda_available()
     on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not cuda)
-    if t.strategy.startswith("deepspeed") and on_cpu:
+    if t.strategy.startswith("deepspeed") and on_cpu and t.backend == "lightning":
         raise UserError(
             f"{source}: trainer.strategy: {t.strategy} needs CUDA GPUs with the Lightning backend "
             "(Lightning's DeepSpeed strategy is CUDA-only); on CPU use strategy: ddp"
         )
     if t.accelerator == "gpu" and not cuda:
         raise UserError(f"{source}: trainer.accelerator: gpu asked for but no CUDA device is visible (use cpu)")
+    if t.backend == "trl" and t.devices * t.num_nodes > 1 and "WORLD_SIZE" not in os.environ:
+        raise UserError(
+            f"{source}: trainer.devices: the trl backend runs {t.devices * t.num_nodes} processes only under a launcher: "
+            f"torchrun --nproc_per_node {t.devices} -m trainers.cli train {source}"
+        )
     if t.precision == "16-mixed" and on_cpu:
         raise UserError(f"{source}: trainer.precision: 16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
 

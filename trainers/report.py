@@ -264,10 +264,22 @@ def plot_training(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], color="tab:blue")
+    loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ax.plot([x for x, _ in loss], [y for _, y in loss], color="tab:blue", label="train loss")
+    val = [(h["step"], h["val/loss"]) for h in history if "val/loss" in h]
+    if val:
+        ax.plot([x for x, _ in val], [y for _, y in val], "o--", color="tab:green", label="val loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    reward = [(h["step"], h["reward"]) for h in history if "reward" in h]
+    if reward:  # RL runs: the mean reward is what moves; its own axis on the right
+        ax2 = ax.twinx()
+        ax2.plot([x for x, _ in reward], [y for _, y in reward], color="tab:orange", label="mean reward")
+        ax2.set_ylabel("mean reward")
+        ax2.legend(loc="upper right", fontsize=8)
+    if val:
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     _save_fig(fig, path)
 

@@ -27,6 +27,8 @@ from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_ra
 from trainers.models import apply_lora, build_model, count_parameters, save_model
 from trainers.recipe import ResolvedRecipe, load_recipe
 from trainers.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
+from trainers import trl_backend
+from trainers.rewards import injected_for
 from trainers.tokenizers import load_tokenizer
 from trainers.tracking import Tracker
 
@@ -53,7 +55,8 @@ class Built:
 
 
 def build(resolved: ResolvedRecipe, *, checkpoint: str | None = None, with_data: bool = True) -> tuple[Built, Any, Any]:
-    """Tokenizer, model (+LoRA), mitigations, evals and data loaders. Raises :class:`UserError` on bad input, always
+    """Tokenizer, model (+LoRA), mitigations, evals and the training data: Lightning data loaders, or the TRL
+    backend's datasets (``trainer.backend: trl``). Raises :class:`UserError` on bad input, always
     naming the recipe file."""
     try:
         return _build(resolved, checkpoint=checkpoint, with_data=with_data)
@@ -66,6 +69,7 @@ def build(resolved: ResolvedRecipe, *, checkpoint: str | None = None, with_data:
 def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool) -> tuple[Built, Any, Any]:
     r = resolved.recipe
     L.seed_everything(r.seed, workers=True, verbose=False)
+    trl = r.trainer.backend == "trl"
     m = r.model
     tok_path = m.tokenizer.path or (m.path if m.tokenizer.kind == "pretrained" else None)
     tokenizer = load_tokenizer(m.tokenizer.kind, tok_path, alphabet=m.tokenizer.alphabet, trust_remote_code=m.trust_remote_code)
@@ -81,10 +85,21 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool)
         trust_remote_code=m.trust_remote_code,
         attn_implementation=m.attn_implementation,
         field_prefix="model" if checkpoint is None else "--checkpoint",
+        head="token_classification" if trl and r.trainer.trl.algorithm == "prm" else "causal_lm",
     )
     if m.lora is not None and checkpoint is None:
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-    mitigations = [MITIGATIONS[name](config) for name, config in resolved.mitigations]
+    data: tuple[Any, Any] = (None, None)
+    task = None
+    if with_data and trl:
+        labels_cfg = next((c.labels for n, c in resolved.mitigations if n == "process_rewards" and c.enabled), None)
+        *data, task = trl_backend.build_datasets(r, tokenizer, model, labels_cfg)
+    elif with_data:
+        data = build_loaders(r.data, tokenizer, r.seed)
+    mitigations = [
+        MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task))
+        for i, (name, config) in enumerate(resolved.mitigations)
+    ]
     evals = []
     seen: dict[str, int] = {}
     for i, (name, config, when) in enumerate(resolved.evals):
@@ -96,8 +111,7 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool)
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
-    loaders = build_loaders(r.data, tokenizer, r.seed) if with_data else (None, None)
-    return Built(resolved, tokenizer, model, mitigations, evals), *loaders
+    return Built(resolved, tokenizer, model, mitigations, evals), *data
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
@@ -109,6 +123,46 @@ def new_run_dir(output_dir: str, name: str) -> Path:
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
     return path
+
+
+_STARTED = __import__("time").time()
+"""When this process imported the run module (the ranks of one launch start within seconds of each other)."""
+
+LAUNCH_WAIT_S = 600.0
+"""How long a rank started by torchrun waits for rank 0 to name the run directory (rank 0 builds first)."""
+
+
+def _launch_file(root: Path) -> Path | None:
+    """Where rank 0 of a torchrun / deepspeed-launcher job writes the run directory for the other ranks (keyed by
+    the job's rendezvous address, so two jobs of one recipe do not mix); ``None`` outside a multi-process launch."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    key = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}".replace("/", "_")
+    return root / f".launch-{key}"
+
+
+def announce_run_dir(root: Path, run_dir: Path) -> None:
+    """Rank 0: tell the ranks the launcher started beside it which run directory to share (checkpoint shards of a
+    ZeRO run must land in one folder)."""
+    f = _launch_file(root)
+    if f is not None:
+        write_atomic(f, str(run_dir.resolve()))
+
+
+def await_run_dir(root: Path) -> Path:
+    """Ranks > 0: the run directory rank 0 announced for this launch (written after this process started)."""
+    import time
+
+    f = _launch_file(root)
+    if f is None:
+        return new_run_dir(str(root.parent), root.name)
+    started = _STARTED - 30.0  # ranks start together; an older file is a previous launch's
+    deadline = time.time() + LAUNCH_WAIT_S
+    while time.time() < deadline:
+        if f.is_file() and f.stat().st_mtime >= started:
+            return Path(f.read_text().strip())
+        time.sleep(0.2)
+    raise UserError(f"{f}: rank 0 did not name a run directory within {LAUNCH_WAIT_S:.0f} s (did it fail? see its log)")
 
 
 def limit_key(spec_limit: str, eval_key: str, all_limits: list[str]) -> str:
@@ -155,8 +209,13 @@ def train(
         run_dir = None  # made below, once everything has been built
     r = resolved.recipe
     # --- build (all user errors surface here, before anything is written) ----------------------------------------
-    built, train_loader, val_loader = build(resolved)
-    module = CausalLMModule(built.model, built.mitigations, r.trainer, tokenizer=built.tokenizer)
+    built, train_data, val_data = build(resolved)
+    trl = r.trainer.backend == "trl"
+    if trl:
+        model = apply_setup(built.mitigations, built.model, built.tokenizer)
+    else:
+        module = CausalLMModule(built.model, built.mitigations, r.trainer, tokenizer=built.tokenizer)
+        model = module.model
     rank0 = is_rank_zero()
 
     if run_dir is None:
@@ -166,9 +225,12 @@ def train(
         elif fixed_dir is not None:
             run_dir = Path(fixed_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-        else:
+        elif rank0:
             run_dir = new_run_dir(r.output_dir, r.name)
-    os.environ[RUN_DIR_ENV] = str(run_dir)  # launched ranks inherit it
+            announce_run_dir(Path(r.output_dir) / r.name, run_dir)
+        else:
+            run_dir = await_run_dir(Path(r.output_dir) / r.name)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks that Lightning launches later inherit it
     results_path = run_dir / RESULTS_FILE
     results = read_results(results_path) if (resume and results_path.exists()) else _new_results(resolved, run_dir)
 
@@ -177,10 +239,10 @@ def train(
         write_atomic(run_dir / RECIPE_FILE, _recipe_text(resolved))
         tracker = Tracker(r.tracking.wandb, run_dir, r.name, resolved.to_dict())
         results["wandb"] = {"mode": tracker.mode, "dir": tracker.files_dir}
-        trainable, total = count_parameters(module.model)
-        results["model"] = {"trainable_params": trainable, "total_params": total, "type": type(module.model).__name__}
+        trainable, total = count_parameters(model)
+        results["model"] = {"trainable_params": trainable, "total_params": total, "type": type(model).__name__}
         echo(f"run directory: {run_dir}")
-        echo(f"model: {type(module.model).__name__}, {total:,} parameters ({trainable:,} trainable)")
+        echo(f"model: {type(model).__name__}, {total:,} parameters ({trainable:,} trainable)")
     limits = [ev.spec().limit for _, ev, _ in built.evals]
 
     # --- eval before ----------------------------------------------------------------------------------------------
@@ -191,28 +253,43 @@ def train(
             tracker.log_eval(key, res, "before", step=0)
             echo(f"eval before: {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
 
-        run_evals(built, module.model, "before", progress=progress, on_result=on_before)
+        run_evals(built, model, "before", progress=progress, on_result=on_before)
         write_results(results_path, results)
 
     # --- train ----------------------------------------------------------------------------------------------------
-    trainer = build_trainer(r.trainer, run_dir, tracker.lightning_logger() if tracker else None,
-                            has_val=val_loader is not None, progress=progress)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt_path = str(last) if (resume and last.exists()) else None
-    if resume and ckpt_path is None and rank0:
-        echo(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; training from the start")
-    stats = fit(module, trainer, train_loader, val_loader, ckpt_path=ckpt_path)
-    if not rank0:
-        return run_dir
+    if trl:
+        model, stats, history, hf_trainer = trl_backend.fit(
+            model, built.tokenizer, built.mitigations, r, (train_data, val_data), run_dir, tracker,
+            resume=bool(resume), progress=progress, echo=echo,
+        )
+        lora = hasattr(model, "merge_and_unload")
+        trl_backend.save_trained(hf_trainer, run_dir / (ADAPTER_DIR if lora else MODEL_DIR))  # every rank (ZeRO-3)
+        if not rank0:
+            return run_dir
+        if r.trainer.strategy == "deepspeed_stage_3":  # rank 0 holds shards only: the saved whole weights come back
+            model = _reload(run_dir / MODEL_DIR, built, r)
+    else:
+        trainer = build_trainer(r.trainer, run_dir, tracker.lightning_logger() if tracker else None,
+                                has_val=val_data is not None, progress=progress)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if (resume and last.exists()) else None
+        if resume and ckpt_path is None and rank0:
+            echo(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; training from the start")
+        stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
+        if not rank0:
+            return run_dir
+        model, history = module.model, module.history
+        if hasattr(model, "merge_and_unload"):
+            save_model(model, built.tokenizer, run_dir / ADAPTER_DIR)
 
     # --- eval after, report -----------------------------------------------------------------------------------------
     results["train"] = stats
-    model = module.model
-    if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter, and a merged full model that loads alone
-        save_model(model, built.tokenizer, run_dir / ADAPTER_DIR)
+    if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter (saved above), and a merged model that loads alone
         model = model.merge_and_unload()
+        save_model(model, built.tokenizer, run_dir / MODEL_DIR)
+    elif not trl:
+        save_model(model, built.tokenizer, run_dir / MODEL_DIR)
     model.eval()
-    save_model(model, built.tokenizer, run_dir / MODEL_DIR)
     step = int(stats["steps"])
 
     def on_after(key: str, res: EvalResult) -> None:
@@ -224,13 +301,55 @@ def train(
         echo(f"eval after:  {key}: limit {res.limit_value:g} {res.spec.limit_unit}")
 
     run_evals(built, model, "after", progress=progress, on_result=on_after)
-    finish_report(results, run_dir, history=module.history)
+    finish_report(results, run_dir, history=history)
     tracker.summarize(
         {e["limit_key"]: e.get("compare", _phase_limits(e)) for e in results["evals"].values()},
         {"train/wall_s": stats["wall_s"], "train/tokens_seen": stats["tokens_seen"]},
     )
     tracker.finish()
+    if fixed_dir is None:
+        point_latest(run_dir)
+        f = _launch_file(Path(r.output_dir) / r.name)
+        if f is not None:
+            f.unlink(missing_ok=True)
     return run_dir
+
+
+def apply_setup(mitigations: list[Mitigation], model: torch.nn.Module, tokenizer: Any) -> torch.nn.Module:
+    """Each enabled mitigation's ``setup`` hook, in recipe order, before the optimizer exists (the Lightning module
+    does the same in its constructor)."""
+    for m in mitigations:
+        if m.enabled:
+            try:
+                model = m.setup(model, tokenizer)
+            except ValueError as e:
+                raise UserError(f"mitigations: {m.name}: {e}") from None
+    return model
+
+
+def _reload(path: Path, built: Built, r: Any) -> torch.nn.Module:
+    return build_model(
+        path=str(path), vocab_size=len(built.tokenizer), pad_token_id=built.tokenizer.pad_token_id,
+        head="token_classification" if r.trainer.trl.algorithm == "prm" else "causal_lm", field_prefix="model",
+    )
+
+
+LATEST = "latest"
+"""``<output_dir>/<name>/latest`` points at the newest finished run, so a recipe can start from another's model:
+``model.path: runs/reasoning-tiny-sft/latest/model``."""
+
+
+def point_latest(run_dir: Path) -> None:
+    """Point ``<run_dir's parent>/latest`` at ``run_dir`` (a relative symlink, swapped in atomically)."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without symlinks: the timestamped directory is still there
+        return
 
 
 def evaluate(

@@ -1,0 +1,76 @@
+"""Domain pieces the trainer injects into mitigations (docs/architecture.md: mitigations never import evals).
+
+``process_rewards`` needs three callables, all built here from the ``chains`` task of ``evals/tasks`` (or a trained
+process reward model):
+
+- ``outcome(prompts, completions, **columns) -> list[float]``: 1.0 when the completion's final answer is the gold one;
+- ``score_steps(prompts, completions, **columns) -> list[list[float]]``: one score in [0, 1] per step end (each step,
+  then the answer), from the exact step verifier or from a PRM;
+- ``step_ends(completion) -> list[int]``: the character offsets those scores belong to.
+
+``columns`` are the dataset columns TRL passes to reward functions: ``question``, ``gold_answer``, ``modulus``,
+``task`` (see :func:`trainers.trl_backend.grpo_rows`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from evals.tasks.chains import TASK as CHAIN_TASK
+from evals.tasks.chains import check_answer, parse_completion, step_end_offsets, verify_steps
+from trainers.errors import UserError
+
+
+def chain_outcome(prompts: Sequence[str], completions: Sequence[str], gold_answer: Sequence[str], **_: Any) -> list[float]:
+    """1.0 per completion whose parsed final answer equals the gold answer, else 0.0.
+
+    >>> chain_outcome(["Q:3+4\\n"] * 2, ["3+4=7\\nA:7", "3+4=7\\nA:8"], gold_answer=["7", "7"])
+    [1.0, 0.0]
+    """
+    return [float(check_answer(parse_completion(c)[1], g)) for c, g in zip(completions, gold_answer)]
+
+
+def chain_step_scores(
+    prompts: Sequence[str], completions: Sequence[str], question: Sequence[str], gold_answer: Sequence[str],
+    modulus: Sequence[int], **_: Any,
+) -> list[list[float]]:
+    """Exact step scores: 1.0 per step the verifier accepts, then 1.0/0.0 for the answer (when there is an answer line).
+
+    >>> chain_step_scores(["Q:3+4*2\\n"], ["3+4=7\\n7*2=5\\nA:4"], question=["3+4*2"], gold_answer=["4"], modulus=[10])
+    [[1.0, 0.0, 1.0]]
+    """
+    out = []
+    for c, q, g, m in zip(completions, question, gold_answer, modulus):
+        steps, answer = parse_completion(c)
+        scores = [float(v) for v in verify_steps(q, steps, int(m))]
+        if answer is not None:
+            scores.append(float(check_answer(answer, g)))
+        out.append(scores)
+    return out
+
+
+def injected_for(name: str, config: Any, *, where: str, task: str | None, device: str = "cpu") -> dict[str, Any]:
+    """Keyword arguments for ``MITIGATIONS[name](config, **kwargs)``; ``task`` is the training records' ``task``
+    field (``None`` when there is no training data, e.g. ``llm-limits eval``). Bad combinations are one-line
+    :class:`UserError`s naming ``where`` (``mitigations[0]``)."""
+    if name != "process_rewards" or not getattr(config, "enabled", True):
+        return {}
+    kwargs: dict[str, Any] = {"outcome": chain_outcome, "step_ends": step_end_offsets}
+    if config.scorer == "prm":
+        path = Path(config.prm_path or "")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{where}.prm_path: {config.prm_path} is not a model directory (expected config.json inside; "
+                            "train one with trainer.trl.algorithm: prm)")
+        from evals.reasoning import PRMScorer
+
+        scorer = PRMScorer(str(path), device=device)
+        kwargs["score_steps"] = lambda prompts, completions, **_: scorer.score(list(prompts), list(completions))
+    else:
+        if task is not None and task != CHAIN_TASK and config.reward != "outcome":
+            raise UserError(
+                f"{where}.scorer: the exact verifier checks {CHAIN_TASK} steps only (the data is {task!r}); "
+                "use scorer: prm with a trained PRM, or reward: outcome"
+            )
+        kwargs["score_steps"] = chain_step_scores
+    return kwargs
