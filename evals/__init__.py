@@ -3,13 +3,14 @@
 from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
 from evals.context import Context
 from evals.positional_loss import PositionalLoss
-from evals.reasoning import Reasoning
+from evals.reasoning import ProcessReward, Reasoning
 
 EVALS: dict[str, type[Eval]] = {
     "positional_loss": PositionalLoss,
     "context": Context,
     "reasoning": Reasoning,
+    "prm": ProcessReward,
 }
 """``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
 
-__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Series", "LimitSpec", "PositionalLoss", "Reasoning", "compare", "read_limit"]
+__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "compare", "read_limit"]

@@ -33,7 +33,7 @@ from evals.tasks.chains import (
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reasoning"
 FIELDS = {"task", "question", "prompt", "completion", "steps", "answer", "gold_answer", "num_steps", "modulus",
-          "labels", "answer_correct", "corruption"}
+          "labels", "answer_correct", "corruption", "prefix_steps"}
 Q = "3+4*2-5"  # 3+4=7, 7*2=14->4, 4-5=-1->9
 GOLD = ["3+4=7", "7*2=4", "4-5=9"]
 
@@ -331,3 +331,17 @@ def test_file_level_errors(tmp_path):
 
 def test_all_corruption_kinds_are_known():
     assert CORRUPTIONS == ("wrong_step", "wrong_answer", "propagated", "skipped_step")
+
+
+def test_prefix_prompts_move_written_steps_into_the_prompt():
+    plain = generate(ChainsConfig(num_examples=100, corruptions={"wrong_step": 0.3}, seed=5))
+    mixed = generate(ChainsConfig(num_examples=100, corruptions={"wrong_step": 0.3}, prefix_fraction=0.4, seed=5))
+    assert [r["question"] for r in plain] == [r["question"] for r in mixed]  # same questions, same corruptions
+    assert sum(r["prefix_steps"] > 0 for r in mixed) == 40
+    for a, b in zip(plain, mixed):
+        k = b["prefix_steps"]
+        assert a["prompt"] + a["completion"] == b["prompt"] + b["completion"]  # the same text, cut elsewhere
+        assert 0 <= k < a["num_steps"] and b["prompt"] == a["prompt"] + "".join(s + "\n" for s in a["steps"][:k])
+        assert b["completion"] == format_completion(a["steps"][k:], a["answer"])
+    with pytest.raises(ValueError, match="prefix_fraction: expected a number in"):
+        ChainsConfig(prefix_fraction=1.5)

@@ -18,6 +18,8 @@ import evals.reasoning
 from evals import EVALS, EvalResult, LimitSpec, read_limit
 from evals.reasoning import (
     PRMScorer,
+    ProcessReward,
+    ProcessRewardConfig,
     Reasoning,
     ReasoningConfig,
     cut_after_answer,
@@ -30,6 +32,8 @@ from evals.reasoning import (
     mediation_outcome,
     pick_best,
     processbench_f1,
+    roc_auc,
+    sample_counts,
     score_chain,
     step_positions,
     _Sampler,
@@ -430,3 +434,125 @@ def test_run_on_a_tiny_llama_with_every_stage(tmp_path, tokenizer):
     assert "early_answering" in result.series or any("early answering skipped" in n for n in result.notes)
     assert any("accuracy is 0 at every length" in n for n in result.notes)
     assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+# --- the reward-model eval (prm) --------------------------------------------------------------------------------------
+PRM_SMALL = {"lengths": [2, 3], "examples_per_length": 8, "max_new_tokens": 16, "batch_size": 8}
+"""2 lengths x 8 ProcessBench-style chains (2 wrong-step, 2 propagated, 4 correct each)."""
+
+
+def test_prm_registered_and_spec():
+    assert EVALS["prm"] is ProcessReward and evals.ProcessReward is ProcessReward
+    assert ProcessReward.limit == "reasoning" and ProcessReward.name == "prm" and ProcessReward.summary
+    assert ProcessReward().spec() == LimitSpec(metric="step_f1", axis="num_steps",
+                                               axis_values=(2.0, 3.0, 4.0, 5.0, 6.0), higher_is_better=True,
+                                               threshold=0.5, limit="reasoning", limit_unit="steps")
+    assert ProcessReward(ProcessRewardConfig(lengths=[3, 5], threshold=0.8)).spec().axis_values == (3.0, 5.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"lengths": []}, "lengths must not be empty"),
+        ({"lengths": [3, 2]}, r"lengths must be strictly ascending \(got \[3, 2\]\)"),
+        ({"lengths": [0, 2]}, "lengths must be integers >= 1"),
+        ({"threshold": -0.1}, r"threshold must be within \[0, 1\]"),
+        ({"examples_per_length": 0}, "examples_per_length must be >= 1"),
+        ({"modulus": 1}, "modulus must be >= 2"),
+        ({"ops": "+/"}, "ops must be a non-empty subset"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"best_of_n": 0}, "best_of_n must be >= 1"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"policy_path": ""}, "policy_path must be a non-empty directory path or null"),
+    ],
+)
+def test_prm_invalid_config_is_a_one_line_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        ProcessRewardConfig(**kwargs)
+    assert "\n" not in str(info.value) and str(info.value).startswith("prm: ")
+
+
+def test_roc_auc_and_sample_counts():
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # sklearn's example
+    assert roc_auc([0.3, 0.3, 0.3], [1, 0, 1]) == 0.5 and math.isnan(roc_auc([0.3], [0]))
+    assert roc_auc([float("nan"), 0.2, 0.9], [0, 0, 1]) == 1.0
+    assert sample_counts(2) == [1, 2] and sample_counts(5) == [1, 2, 4, 5]
+
+
+def test_prm_check(tmp_path, tokenizer):
+    ev = ProcessReward(ProcessRewardConfig(**PRM_SMALL))
+    ev.check(tiny_prm(len(tokenizer)), tokenizer)
+    ev.check(tiny_prm(len(tokenizer), num_labels=2), tokenizer)
+    ev.check(VerifierPRM(tokenizer), tokenizer)  # a scripted stand-in is judged by its num_labels
+    with pytest.raises(ValueError, match=r"^prm: the prm eval measures a reward model "
+                                         r"\(AutoModelForTokenClassification\); got LlamaForCausalLM$"):
+        ev.check(tiny_llama(len(tokenizer)), tokenizer)
+    with pytest.raises(ValueError, match="num_labels 1 or 2 \\(got 3"):
+        ev.check(tiny_prm(len(tokenizer), num_labels=3), tokenizer)
+    no_digits = build_char_tokenizer("abcdefghijklmnopqrstuvwxyzQA:+-*=\n")
+    with pytest.raises(ValueError, match=r"^prm: the tokenizer cannot spell the chains task \(missing: '0123456789'"):
+        ev.check(tiny_prm(len(tokenizer)), no_digits)
+    (tmp_path / "empty").mkdir()
+    for field in ("policy_path", "orm_path"):
+        with pytest.raises(ValueError, match=f"prm: {field} .*nowhere is not a directory"):
+            ProcessReward(ProcessRewardConfig(**PRM_SMALL, **{field: str(tmp_path / "nowhere")})).check(
+                tiny_prm(len(tokenizer)), tokenizer)
+        with pytest.raises(ValueError, match=f"prm: {field} .*empty has no config.json"):
+            ProcessReward(ProcessRewardConfig(**PRM_SMALL, **{field: str(tmp_path / "empty")})).check(
+                tiny_prm(len(tokenizer)), tokenizer)
+
+
+def test_prm_run_on_a_tiny_token_classifier_with_a_policy(tmp_path, tokenizer):
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    tiny_prm(len(tokenizer), num_labels=2, seed=1).save_pretrained(tmp_path / "orm")
+    tokenizer.save_pretrained(tmp_path / "orm")
+    model = tiny_prm(len(tokenizer))
+    model.train()
+    ev = ProcessReward(ProcessRewardConfig(**PRM_SMALL, best_of_n=2, policy_path=str(tmp_path / "policy"),
+                                           orm_path=str(tmp_path / "orm")))
+    ev.check(model, tokenizer)
+    result = ev.run(model, tokenizer, progress=False)
+    assert model.training  # restored
+    assert result.eval == "prm" and result.spec == ev.spec() and result.threshold == 0.5
+    assert list(result.curve) == [2.0, 3.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
+    assert result.limit_value == read_limit(result.curve, 0.5, True)
+    s = result.scalars
+    for key in ("step_f1", "acc_error", "acc_correct", "step_auc", "answer_auc", "step_f1@2", "step_f1@3",
+                "bon_prm", "bon_orm", "bon_majority", "bon_pass_at_n", "bon_first"):
+        assert key in s and 0.0 <= s[key] <= 1.0, key
+    assert s["num_examples"] == 16 and s["bon_num_problems"] == 16
+    assert s["bon_first"] <= s["bon_pass_at_n"] and s["bon_prm"] <= s["bon_pass_at_n"]
+    for name in ("best_of_n", "best_of_n_majority", "best_of_n_orm", "best_of_n_pass_at_n"):
+        assert set(result.series[name].points) == {1.0, 2.0} and result.series[name].axis == "num_samples"
+    assert result.series["best_of_n"].points[2.0] == s["bon_prm"]
+    assert result.series["best_of_n"].points[1.0] == s["bon_first"]  # one sample: nothing to rerank
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_prm_run_without_a_policy(tokenizer):
+    result = ProcessReward(ProcessRewardConfig(**PRM_SMALL, orm_path="unused")).run(
+        tiny_prm(len(tokenizer)), tokenizer, progress=False)
+    assert list(result.curve) == [2.0, 3.0] and not result.series
+    assert not any(k.startswith("bon_") for k in result.scalars)
+    assert any("orm_path is set but policy_path is not" in n for n in result.notes)
+
+
+def test_prm_verifier_oracle_scores_exactly(tokenizer, monkeypatch):
+    """The scripted verifier PRM is perfect: F1, step AUC and answer AUC 1 at every length. Reranking the coin-flip
+    oracle's samples by it picks a right one exactly when any is right (``+``/``-`` only: a wrong step always changes
+    the answer), at every number of samples."""
+    policy = ChainOracle(tokenizer, coin=True)
+    monkeypatch.setattr(evals.reasoning, "_load_policy", lambda path, device: (policy, tokenizer))
+    config = ProcessRewardConfig(lengths=[2, 3], examples_per_length=8, ops="+-", max_new_tokens=24, best_of_n=4,
+                                 policy_path="scripted")
+    result = ProcessReward(config).run(VerifierPRM(tokenizer), tokenizer, progress=False)
+    s = result.scalars
+    assert result.curve == {2.0: 1.0, 3.0: 1.0} and result.limit_value == 3.0
+    assert s["step_f1"] == s["acc_error"] == s["acc_correct"] == s["step_auc"] == s["answer_auc"] == 1.0
+    assert 0.0 < s["bon_first"] < s["bon_pass_at_n"] == s["bon_prm"]
+    prm_curve = result.series["best_of_n"].points
+    assert prm_curve == result.series["best_of_n_pass_at_n"].points and list(prm_curve) == [1.0, 2.0, 4.0]
+    assert prm_curve[1.0] == s["bon_first"] and list(prm_curve.values()) == sorted(prm_curve.values())
+    assert "best_of_n_orm" not in result.series and "bon_orm" not in s

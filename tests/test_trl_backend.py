@@ -89,14 +89,15 @@ def test_prm_rows_put_labels_at_step_ends():
 def test_grpo_rows_keep_reward_columns():
     rows = grpo_rows([{"prompt": "Q:1+2\n", "question": "1+2", "gold_answer": "3", "modulus": 10, "task": "arith_chain",
                        "steps": ["1+2=3"]}])
-    assert rows == [{"prompt": "Q:1+2\n", "question": "1+2", "gold_answer": "3", "modulus": 10, "task": "arith_chain"}]
+    assert rows == [{"prompt": "Q:1+2\n", "question": "1+2", "gold_answer": "3", "modulus": 10, "task": "arith_chain",
+                     "prefix": ""}]
 
 
 def test_process_advantages_match_deepseekmath_on_hand_made_group():
     """Two completions of one prompt: the verifier scores each step, and every token gets the sum of the normalised
     rewards of the steps ending at or after it."""
     tok = build_char_tokenizer()
-    texts = ["1+2=3\nA:3", "1+2=4\nA:4"]  # valid step + right answer; invalid step + wrong answer
+    texts = ["1+2=3\nA:3", "1+2=4\nA:3"]  # a valid chain; an invalid step and an answer that does not follow it
     enc = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     n = max(map(len, enc))
     ids = torch.tensor([e + [tok.pad_token_id] * (n - len(e)) for e in enc])
@@ -117,7 +118,9 @@ def test_process_advantages_match_deepseekmath_on_hand_made_group():
 
 def test_verifier_rewards():
     assert chain_outcome(["p"], ["1+2=3\nA:3"], gold_answer=["3"]) == [1.0]
-    assert chain_step_scores(["p"], ["1+2=4\nA:3"], question=["1+2"], gold_answer=["3"], modulus=[10]) == [[0.0, 1.0]]
+    assert chain_step_scores(["p"], ["1+2=4\nA:3"], question=["1+2"], gold_answer=["3"], modulus=[10]) == [[0.0, 0.0]]
+    # the answer line is judged as a step: does it follow from the chain written before it?
+    assert chain_step_scores(["p"], ["1+2=4\nA:4"], question=["1+2"], gold_answer=["3"], modulus=[10]) == [[0.0, 1.0]]
 
 
 # --- recipe rules -------------------------------------------------------------------------------------------------------

@@ -168,7 +168,8 @@ def validate(recipes: list[str] = typer.Argument(..., help="Recipe YAML files (s
             err_console.print(f"error: {e}", markup=False, soft_wrap=True)
             continue
         first = Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
-        note = "" if first.startswith("# llm-limits ") else "  (warning: first line is not its launch command)"
+        launch = first.startswith("# llm-limits ") or (first.startswith("# torchrun ") and "-m trainers.cli " in first)
+        note = "" if launch else "  (warning: first line is not its launch command)"
         console.print(f"ok: {path}{note}", markup=False)
     if failed:
         err_console.print(f"{failed} of {len(recipes)} recipes failed")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from evals.tasks.chains import TASK as CHAIN_TASK
-from evals.tasks.chains import check_answer, parse_completion, step_end_offsets, verify_steps
+from evals.tasks.chains import answer_follows, check_answer, parse_completion, step_end_offsets, verify_steps
 from trainers.errors import UserError
 
 
@@ -33,19 +33,29 @@ def chain_outcome(prompts: Sequence[str], completions: Sequence[str], gold_answe
 
 def chain_step_scores(
     prompts: Sequence[str], completions: Sequence[str], question: Sequence[str], gold_answer: Sequence[str],
-    modulus: Sequence[int], **_: Any,
+    modulus: Sequence[int], prefix: Sequence[str] | None = None, **_: Any,
 ) -> list[list[float]]:
-    """Exact step scores: 1.0 per step the verifier accepts, then 1.0/0.0 for the answer (when there is an answer line).
+    """Exact step scores, each judged given the chain written before it: 1.0 per step the verifier accepts, then the
+    answer line (when there is one) as a last step: 1.0 when it follows from the written chain
+    (:func:`~evals.tasks.chains.answer_follows`). ``prefix`` holds the steps a prompt already wrote (partial-chain
+    prompts, ``"\\n"``-separated): the completion is verified as their continuation, so a step must start from the
+    value written before it, right or wrong. With clean prompts an all-valid chain ends at the gold answer; the gold
+    answer itself is the outcome reward's business (:func:`chain_outcome`).
 
-    >>> chain_step_scores(["Q:3+4*2\\n"], ["3+4=7\\n7*2=5\\nA:4"], question=["3+4*2"], gold_answer=["4"], modulus=[10])
+    >>> chain_step_scores(["Q:3+4*2\\n"], ["3+4=7\\n7*2=5\\nA:5"], question=["3+4*2"], gold_answer=["4"], modulus=[10])
     [[1.0, 0.0, 1.0]]
+    >>> chain_step_scores(["Q:3+4*2\\n3+4=8\\n"], ["8*2=6\\nA:6", "7*2=4\\nA:4"], question=["3+4*2"] * 2,
+    ...                   gold_answer=["4"] * 2, modulus=[10] * 2, prefix=["3+4=8"] * 2)  # faithful vs shortcut
+    [[1.0, 1.0], [0.0, 1.0]]
     """
     out = []
-    for c, q, g, m in zip(completions, question, gold_answer, modulus):
+    prefixes = prefix if prefix is not None else [""] * len(completions)
+    for c, q, g, m, pre in zip(completions, question, gold_answer, modulus, prefixes):
         steps, answer = parse_completion(c)
-        scores = [float(v) for v in verify_steps(q, steps, int(m))]
+        written = [st for st in pre.split("\n") if st.strip()]
+        scores = [float(v) for v in verify_steps(q, written + steps, int(m))[len(written):]]
         if answer is not None:
-            scores.append(float(check_answer(answer, g)))
+            scores.append(float(answer_follows(q, written + steps, answer, int(m))))
         out.append(scores)
     return out
 

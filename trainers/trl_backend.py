@@ -36,6 +36,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from evals.tasks.chains import STEP_SEP
 from evals.tasks.jsonl import json_objects
 from mitigations.base import Mitigation, StepContext
 from mitigations.process_rewards.core import char_ends_to_token_ends, step_advantages
@@ -48,7 +49,7 @@ STATE_FILE = "llm_limits_state.json"
 TRL_VERSION = "1.16.0"
 """The TRL release whose GRPOTrainer internals :class:`ProcessGRPOTrainer` relies on (pinned in pyproject.toml)."""
 
-GRPO_COLUMNS = ("question", "gold_answer", "modulus", "task")
+GRPO_COLUMNS = ("question", "gold_answer", "modulus", "task", "prefix")
 """Record fields a GRPO dataset keeps beside ``prompt``; TRL passes them to every reward function as keyword lists."""
 
 
@@ -98,7 +99,8 @@ def grpo_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         row = {"prompt": rec["prompt"], "question": str(rec.get("question", "")), "gold_answer": str(rec.get("gold_answer", rec.get("answer", ""))),
-               "modulus": int(rec.get("modulus") or -1), "task": str(rec.get("task", ""))}
+               "modulus": int(rec.get("modulus") or -1), "task": str(rec.get("task", "")),
+               "prefix": STEP_SEP.join(rec.get("steps", [])[: int(rec.get("prefix_steps", 0))])}
         rows.append(row)
     return rows
 
@@ -120,6 +122,7 @@ def prm_rows(
             continue
         ids, positions = step_positions(tokenizer, rec["prompt"], rec["completion"])
         correct = rec.get("answer_correct")
+        labels = labels[int(rec.get("prefix_steps", 0)) :]  # steps written in the prompt are not scored
         per_end = [float(x) for x in labels] + ([float(bool(correct))] if correct is not None else [])
         if target == "outcome":
             if correct is None:
@@ -175,33 +178,45 @@ def monte_carlo_relabel(records: list[dict[str, Any]], cfg: Any, tokenizer: Any,
     completer = build_model(path=cfg.completer_path, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                             field_prefix="mitigations.process_rewards.labels.completer_path").eval()
     eos = tokenizer.eos_token_id
+    n = cfg.rollouts
 
-    def complete(prefixes: list[str], n: int) -> list[list[str]]:
-        enc = tokenizer(prefixes, add_special_tokens=False)["input_ids"]
-        out: list[list[str]] = []
-        for ids in enc:  # one prefix at a time: n samples share a prompt, so no padding is needed
-            x = torch.tensor([ids] * n)
-            with torch.no_grad():
-                gen = completer.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=cfg.temperature,
-                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            out.append(tokenizer.batch_decode(gen[:, x.shape[1]:], skip_special_tokens=True))
-        return out
+    def judge(rec: dict[str, Any]) -> Callable[[str], bool]:
+        return lambda text: check_answer(parse_completion(text[len(rec["prompt"]):])[1], rec["gold_answer"])
 
+    # Pass 1 records every prefix math_shepherd_labels asks for; one batched generation then serves pass 2.
+    wanted: list[str] = []
+    for rec in records:
+        math_shepherd_labels(rec["prompt"], rec["steps"], lambda t: False, lambda ps, k: wanted.extend(ps) or [[""] * k for _ in ps], n)
+    cache: dict[str, list[str]] = {}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues every row from its last column
+    wanted = list(dict.fromkeys(wanted))  # identical problems share their rollouts
     torch.manual_seed(recipe.seed)
+    try:
+        chunk = max(1, 256 // n)
+        for i in tqdm(range(0, len(wanted), chunk), desc="monte-carlo rollouts", disable=not _rank0()):
+            part = wanted[i : i + chunk]
+            enc = tokenizer(part, padding=True, return_tensors="pt", add_special_tokens=False)
+            ids = enc["input_ids"].repeat_interleave(n, dim=0)
+            mask = enc["attention_mask"].repeat_interleave(n, dim=0)
+            with torch.no_grad():
+                out = completer.generate(ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                                         max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for j, prefix in enumerate(part):
+                cache[prefix] = texts[j * n : (j + 1) * n]
+    finally:
+        tokenizer.padding_side = side
+
     kept = []
-    for rec in tqdm(records, desc="monte-carlo step labels", disable=not _rank0()):
-        gold = rec["gold_answer"]
-        prompt = rec["prompt"]
-
-        def is_correct(text: str, _prompt: str = prompt, _gold: str = gold) -> bool:
-            return check_answer(parse_completion(text[len(_prompt):])[1], _gold)
-
-        mc = math_shepherd_labels(prompt, rec["steps"], is_correct, complete, cfg.rollouts)
+    for rec in records:
+        mc = math_shepherd_labels(rec["prompt"], rec["steps"], judge(rec), lambda ps, k: [cache[p] for p in ps], n)
         hard = [h for h, _ in mc]
         if cfg.consensus and rec.get("labels") is not None and not consensus(hard, rec["labels"]):
             continue
         new = dict(rec)
         new["labels"] = hard if cfg.target == "hard" else [s for _, s in mc]
+        new["verifier_labels"] = rec.get("labels")
         kept.append(new)
     return kept
 
@@ -427,7 +442,7 @@ def training_kwargs(spec: TrainerSpec, data: DataSpec, run_dir: Path, seed: int,
         disable_tqdm=not progress,
         use_cpu=spec.accelerator == "cpu",
         dataloader_num_workers=0,
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",  # the Lightning backend counts non-padding tokens too
         deepspeed=deepspeed_config(spec.strategy),
     )
     if has_val:

@@ -23,7 +23,8 @@ Records, from :func:`generate` and both loaders alike (every key always present)
      "modulus": 10,                         # loaders: None
      "labels": [1, 1, 1],                   # per written step, 1 = valid; always verify_steps' verdicts (gsm8k: None)
      "answer_correct": True,                # check_answer(answer, gold_answer); None when unknown
-     "corruption": "none"}                  # or one of CORRUPTIONS
+     "corruption": "none",                  # or one of CORRUPTIONS
+     "prefix_steps": 0}                     # steps already written in the prompt (ChainsConfig.prefix_fraction)
 
 Corruptions (:data:`CORRUPTIONS`; ``k`` is an intermediate step, ``0 <= k < num_steps - 1``):
 
@@ -120,9 +121,13 @@ class ChainsConfig:
     """kind -> fraction of examples corrupted that way (exact counts: round(frac * num_examples), assigned then
     shuffled with the seed); kinds: wrong_step, wrong_answer, propagated, skipped_step; fractions >= 0 summing to
     <= 1."""
+    prefix_fraction: float = 0.0
+    """Fraction of records whose prompt already holds the first k written steps (k uniform in 1..n-1, corrupted
+    steps included) and whose completion is the rest: the partial-solution prompts of process-supervision rollouts.
+    Rewards then judge how the model continues a chain it did not write (``prefix_steps`` says how many)."""
     seed: int = 0
     """Seed of the generator; the same config always gives the same records. Configs that differ only in
-    ``corruptions`` share their questions."""
+    ``corruptions`` (or ``prefix_fraction``) share their questions."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -153,6 +158,11 @@ def validate(config: ChainsConfig) -> None:
     total = sum(c.corruptions.values())
     if total > 1 + 1e-9:
         raise ValueError(f"corruptions: fractions must sum to <= 1 (got {total:g})")
+    frac = c.prefix_fraction
+    if not (isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 <= frac <= 1):
+        raise ValueError(f"prefix_fraction: expected a number in [0, 1] (got {frac!r})")
+    if frac > 0 and c.min_steps < 2:
+        raise ValueError(f"prefix_fraction: a partial chain needs min_steps >= 2 (got {c.min_steps})")
 
 
 # --- format (pure) --------------------------------------------------------------------------------------------------
@@ -437,6 +447,28 @@ def _check_k(k: int, n: int) -> None:
         raise ValueError(f"k must be in [0, {n}), an operation of the question (got {k!r})")
 
 
+def answer_follows(question: str, steps: list[str], answer: str | None, modulus: int = 10) -> bool:
+    """The answer line judged as a step: the written chain does every operation of the question and the answer is
+    the value its last step wrote (right or wrong). With an all-valid chain this is the gold answer; after a wrong
+    step it is the answer that step implies, not the gold one.
+
+    >>> answer_follows("3+4*2", ["3+4=7", "7*2=4"], "4"), answer_follows("3+4*2", ["3+4=8", "8*2=6"], "6")
+    (True, True)
+    >>> answer_follows("3+4*2", ["3+4=8", "8*2=6"], "4"), answer_follows("3+4*2", ["3+4=7"], "7")  # gold; too short
+    (False, False)
+    """
+    if answer is None or not steps:
+        return False
+    if len(steps) != len(parse_question(question, modulus)[1]) or _STEP.fullmatch(steps[-1].strip()) is None:
+        return False
+    return int(_result(steps[-1].strip())) == _as_int(answer)
+
+
+def _as_int(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
 def _result(step: str) -> str:
     return step.rsplit("=", 1)[1]
 
@@ -477,7 +509,25 @@ def generate(config: ChainsConfig) -> list[dict]:
         question = format_question(start, operations)
         k, value = _draw_corruption(question, kind, operations, c_rng, c.modulus)
         records.append(make_record(question, kind, k, value, c.modulus))
+    if c.prefix_fraction > 0:  # a third stream, drawn after the others, so the questions stay the same
+        p_rng = random.Random(master.getrandbits(64))
+        chosen = set(p_rng.sample(range(len(records)), round(c.prefix_fraction * len(records))))
+        records = [with_prefix(r, p_rng.randint(1, max(1, len(r["steps"]) - 1))) if i in chosen else r
+                   for i, r in enumerate(records)]
     return records
+
+
+def with_prefix(record: dict, k: int) -> dict:
+    """``record`` with its first ``k`` written steps moved from the completion into the prompt.
+
+    >>> r = with_prefix(make_record("3+4*2-5"), 2)
+    >>> r["prompt"], r["completion"], r["prefix_steps"]
+    ('Q:3+4*2-5\\n3+4=7\\n7*2=4\\n', '4-5=9\\nA:9', 2)
+    """
+    steps = record["steps"]
+    k = max(0, min(k, len(steps)))
+    return {**record, "prompt": record["prompt"] + "".join(st + STEP_SEP for st in steps[:k]),
+            "completion": format_completion(steps[k:], record["answer"]), "prefix_steps": k}
 
 
 def _draw_corruption(question: str, kind: str, operations: list[tuple[str, int]], rng: random.Random,
@@ -520,6 +570,7 @@ def make_record(question: str, corruption: str = "none", k: int = 0, value: int 
         "labels": [int(v) for v in verify_steps(question, steps, modulus)],
         "answer_correct": check_answer(answer, gold),
         "corruption": corruption,
+        "prefix_steps": 0,
     }
 
 
@@ -719,6 +770,7 @@ def _loaded_record(task: str, question: str, steps: list[str], answer: str, gold
         "labels": labels,
         "answer_correct": answer_correct,
         "corruption": "none",
+        "prefix_steps": 0,
     }
 
 
