@@ -151,6 +151,17 @@ def test_many_devices_need_a_launcher(tmp_path, monkeypatch):
     validate_recipe(r, "r.yaml", check_hardware=False)  # `llm-limits validate` checks the schema only
 
 
+def test_text_data_is_refused_with_one_line(tmp_path):
+    from tests.test_cli import run_in_process
+
+    r = trl_recipe(tmp_path, "sft")
+    r["data"] = {"task": "synthetic_text", "params": {"num_docs": 4, "doc_chars": 64}}
+    out = run_in_process("train", str(write(tmp_path, r)))
+    assert out.returncode == 2
+    assert "data.task: synthetic_text makes no prompt/completion records" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
 def test_exact_verifier_needs_chain_data(tmp_path):
     cfg = ProcessRewards.Config(reward="step")
     with pytest.raises(UserError, match=r"mitigations\[0\]\.scorer: the exact verifier checks arith_chain steps only"):
@@ -207,6 +218,29 @@ def test_prm_trains_a_token_classifier(tmp_path):
     assert len(scores[0]) == 3 and all(0.0 < s < 1.0 for s in scores[0])
     cfg = json.loads((run_dir / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForTokenClassification"] and len(cfg["id2label"]) == 1
+
+
+def test_prm_on_monte_carlo_labels(tmp_path):
+    """Math-Shepherd labels from a completer model (here an untrained one, saved to disk) feed the PRM trainer."""
+    from trainers.models import build_model, save_model
+
+    tok = build_char_tokenizer()
+    completer = build_model("llama", TINY["model"]["config"], vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)
+    save_model(completer, tok, tmp_path / "completer")
+    r = trl_recipe(tmp_path, "prm")
+    r["data"]["params"]["num_examples"] = 12
+    r["mitigations"] = [{"name": "process_rewards", "labels": {
+        "kind": "monte_carlo", "rollouts": 2, "completer_path": str(tmp_path / "completer"), "max_new_tokens": 8}}]
+    resolved = validate_recipe(r, "r.yaml")
+    from trainers.run import build
+
+    built, train_ds, _ = build(resolved)
+    # an untrained completer rarely reaches the gold answer: MC labels are mostly 0, unlike the verifier's
+    labels = [y for row in train_ds["labels"] for y in row if y != -100.0]
+    assert labels and set(labels) <= {0.0, 1.0}
+    run_dir = train(str(write(tmp_path, r)), progress=False, echo=lambda s: None)
+    assert (run_dir / "model" / "model.safetensors").is_file()
 
 
 def test_lightning_refuses_reward_mitigations(tmp_path):

@@ -173,7 +173,8 @@ class TrainerSpec(Strict):
     num_nodes: int = Field(1, ge=1)
     """Nodes."""
     strategy: Strategy = "auto"
-    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (CUDA only with this backend)."""
+    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (CUDA only with the lightning backend; on CPU too
+    with trl, under torchrun)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = Field(2, ge=1)
