@@ -275,3 +275,53 @@ def test_zero2_two_processes_on_cpu(tmp_path):
     tok = build_char_tokenizer()
     model = build_model(path=str(runs[0] / "model"), vocab_size=len(tok))  # loads back in a single process
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+# --- crashes: kill -9 mid-run, resume, same weights ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_killed_twice_and_resumed_gives_the_uninterrupted_weights(tmp_path):
+    """A run killed with SIGKILL at a random moment (twice, once possibly mid-save) and resumed each time with
+    ``--resume`` ends with exactly the weights of the uninterrupted run (bitwise, CPU, fixed seeds)."""
+    import random
+    import signal
+    import time
+
+    r = trl_recipe(tmp_path, "sft")
+    r["trainer"].update(max_steps=60, checkpoint_every=5, keep_last=2, log_every=1)
+    r["evals"] = []
+    path = write(tmp_path, r)
+    reference = train(str(path), progress=False, echo=lambda s: None)
+
+    # Each process gets its own wandb service, as separate shell commands would: a child that inherits this test
+    # process's service (WANDB_SERVICE) leaves its run open there when it is killed.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "trainers.cli"]
+    root = tmp_path / "runs" / "trl-sft"
+    rng = random.Random(0)
+    run_dir = None
+    for attempt in range(2):
+        args = ["train", "--resume", str(run_dir)] if run_dir else ["train", str(path)]
+        proc = subprocess.Popen([*cli, *args, "--no-progress"], cwd=REPO, env=env,
+                                stdout=open(tmp_path / f"out{attempt}.log", "w"), stderr=subprocess.STDOUT)
+        target = rng.choice([10, 15, 20]) + 20 * attempt  # kill once this checkpoint exists (mid-save is fine too)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            dirs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p != reference] if root.exists() else []
+            if dirs:
+                run_dir = dirs[0]
+                if (run_dir / "checkpoints" / f"checkpoint-{target}").exists():
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert run_dir is not None and not (run_dir / "model").exists()  # it really died before finishing
+    done = subprocess.run([*cli, "train", "--resume", str(run_dir), "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--resume: continuing from" in done.stdout
+    a, b = weights(reference), weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["train"]["steps"] == 60

@@ -51,13 +51,13 @@ class Tracker:
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
         try:
-            self.run = wandb.init(mode=spec.mode, **kwargs)
+            self.run = _init(wandb, mode=spec.mode, **kwargs)
         except Exception as e:  # online with no key or no network: keep training, keep the numbers
             if spec.mode != "online":
                 raise
             log.warning("wandb online failed (%s); falling back to offline: sync later with `wandb sync`", e)
             self.mode = "offline"
-            self.run = wandb.init(mode="offline", **kwargs)
+            self.run = _init(wandb, mode="offline", **kwargs)
         id_file.write_text(run_id)
 
     @property
@@ -115,6 +115,26 @@ class Tracker:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+IN_USE_WAIT_S = 60.0
+"""How long a resumed run waits for a killed predecessor's wandb service to let go of the run id."""
+
+
+def _init(wandb: Any, **kwargs: Any) -> Any:
+    """``wandb.init``, waiting while the run id is still held: after ``kill -9`` the dead run's wandb service lives on
+    for a few seconds and refuses the same id ("run ID ... is in use"), which ``--resume`` reuses on purpose."""
+    import time
+
+    deadline = time.monotonic() + IN_USE_WAIT_S
+    while True:
+        try:
+            return wandb.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 -- wandb raises its own types from its service
+            if "in use" not in str(e) or time.monotonic() > deadline:
+                raise
+            log.warning("wandb run %s is still held by a previous process; waiting for it to exit", kwargs.get("id"))
+            time.sleep(1.0)
 
 
 def _fmt(x: float) -> str:

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from evals.tasks.chains import STEP_SEP
 from evals.tasks.jsonl import json_objects
 from mitigations.base import Mitigation, StepContext
 from mitigations.process_rewards.core import char_ends_to_token_ends, step_advantages
+from trainers.checkpoints import last_good_checkpoint, write_manifest
 from trainers.errors import UserError
 from trainers.recipe import DataSpec, Recipe, TrainerSpec
 
@@ -481,6 +481,7 @@ class RunCallback(TrainerCallback):
         if folder.is_dir():
             payload = {"mitigations": {m.name: m.state_dict() for m in self.mitigations}, "history": self.history}
             (folder / STATE_FILE).write_text(json.dumps(payload))
+            write_manifest(folder, int(state.global_step))  # last: a folder without one is an interrupted save
 
 
 def _metric_name(key: str) -> str:
@@ -561,9 +562,14 @@ def fit(
     trainer.mitigations, trainer.pending = enabled, {}
     holder["t"] = trainer
 
-    ckpt = get_last_checkpoint(str(run_dir / "checkpoints")) if resume and (run_dir / "checkpoints").is_dir() else None
-    if resume and ckpt is None and _rank0():
-        echo(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; training from the start")
+    ckpt = None
+    if resume:
+        good = last_good_checkpoint(run_dir / "checkpoints", warn=echo if _rank0() else (lambda _: None))
+        ckpt = str(good) if good is not None else None
+        if ckpt is None and _rank0():
+            echo(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; training from the start")
+        elif _rank0():
+            echo(f"--resume: continuing from {ckpt}")
     if ckpt is not None:
         state_file = Path(ckpt) / STATE_FILE
         if state_file.is_file():

@@ -1,0 +1,94 @@
+"""Checkpoint manifests: a checkpoint counts only once its manifest says every file is there, whole.
+
+A checkpoint folder is written file by file (the HF Trainer's ``checkpoint-N/``), so a run killed mid-save leaves a
+folder that looks like a checkpoint and is not one. After the save completes, :func:`write_manifest` records each
+file's size and SHA-256 in ``manifest.json`` (written to a temporary name, then renamed). On resume,
+:func:`last_good_checkpoint` walks the folders newest first and takes the first whose manifest verifies; every folder
+it skips is reported with the reason (no manifest: the save was interrupted; a size or checksum mismatch: the files
+changed or were cut short).
+
+Hashing cost: files up to ``FULL_HASH_BYTES`` are hashed whole; bigger ones (multi-GB weight and optimizer shards) by
+their size plus the SHA-256 of their first and last MiB, which catches truncation and most damage without reading
+the whole file at every save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+MANIFEST = "manifest.json"
+FULL_HASH_BYTES = 256 * 2**20
+EDGE_BYTES = 2**20
+_STEP = re.compile(r"^checkpoint-(\d+)$")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the whole file, or ``edges:`` + the SHA-256 of its first and last MiB for files over
+    ``FULL_HASH_BYTES``."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(f.read(EDGE_BYTES))
+        f.seek(size - EDGE_BYTES)
+        h.update(f.read(EDGE_BYTES))
+    return "edges:" + h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> Path:
+    """Record every file under ``folder`` (but the manifest itself) with its size and digest; atomic."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"):
+            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def verify(folder: Path) -> str | None:
+    """``None`` when ``folder``'s manifest matches its files, else the reason it does not (one line)."""
+    m = folder / MANIFEST
+    if not m.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        files = json.loads(m.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for rel, meta in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if file_digest(p) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def checkpoint_folders(root: Path) -> list[Path]:
+    """``checkpoint-N`` folders under ``root``, newest (largest N) first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_good_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint folder under ``root`` whose manifest verifies; each one skipped is reported through
+    ``warn`` with its reason. ``None`` when there is none."""
+    for folder in checkpoint_folders(root):
+        reason = verify(folder)
+        if reason is None:
+            return folder
+        warn(f"checkpoint {folder}: skipped, {reason}; trying the one before")
+    return None
