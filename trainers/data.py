@@ -188,10 +188,20 @@ def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, 
 
 
 def _check_params(spec: DataSpec, config_cls: type, params: dict[str, Any]) -> None:
+    """Unknown keys and wrong types in ``data.params``, checked against the task's config dataclass."""
+    from pydantic import ValidationError
+
+    from trainers.recipe import _format_error, strict_model_for
+
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(params) - names)
     if unknown:
         raise UserError(f"data.params.{unknown[0]}: unknown key for task {spec.task} (expected one of: {', '.join(sorted(names))})")
+    model = strict_model_for(config_cls)
+    try:
+        model.model_validate(params)
+    except ValidationError as e:
+        raise UserError(f"data.params.{_format_error(e, model, params)}") from None
 
 
 def build_loaders(

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import get_scheduler
 
 from mitigations.base import MODEL_KEYS, Mitigation, StepContext
-from trainers.errors import UserError
+from trainers.errors import UserError, check_finite
 from trainers.recipe import TrainerSpec
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions", "ssmax")
@@ -80,6 +80,7 @@ class CausalLMModule(L.LightningModule):
             if extra is not None:
                 loss = loss + extra
                 self._pending[f"{m.name}/extra_loss"] = float(extra.detach())
+        check_finite(loss, ctx.step)
         # Tokens count across ranks: every rank sees a batch of the same shape.
         self.tokens_seen += int(batch["attention_mask"].sum()) * ctx.world_size
         if self.spec.max_tokens and self.tokens_seen >= self.spec.max_tokens:

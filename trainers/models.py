@@ -307,7 +307,8 @@ def _check_config_keys(
 def _is_config_rejection(err: BaseException) -> bool:
     from huggingface_hub.errors import StrictDataclassError
 
-    return isinstance(err, (StrictDataclassError, ValueError, TypeError))
+    # KeyError: a config value the model's constructor looks up and does not know (rope_scaling type "bogus")
+    return isinstance(err, (StrictDataclassError, ValueError, TypeError, KeyError))
 
 
 _FIELD_ERROR = re.compile(r"^Validation error for field '([^']+)':\s*")
@@ -319,6 +320,8 @@ def _config_error_message(err: BaseException, field_prefix: str) -> str:
     dataclass names the field, else ``model.config``)."""
     text = str(err).strip()
     field = f"{field_prefix}.config"
+    if isinstance(err, KeyError):  # the model's constructor looked a config value up in a table that lacks it
+        return f"{field}: the model class does not know the value {text} (check rope_scaling / *_type values)"
     if match := _FIELD_ERROR.match(text):
         field = f"{field}.{match.group(1)}"
         text = text[match.end():]

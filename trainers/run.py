@@ -100,6 +100,9 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool)
         MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task))
         for i, (name, config) in enumerate(resolved.mitigations)
     ]
+    if trl and r.trainer.trl.algorithm == "grpo" and not any(m.enabled and m.reward_fns() for m in mitigations):
+        raise UserError("mitigations: GRPO needs a reward: add an enabled mitigation that provides one "
+                        "(e.g. - name: process_rewards)")
     evals = []
     seen: dict[str, int] = {}
     for i, (name, config, when) in enumerate(resolved.evals):

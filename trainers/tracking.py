@@ -35,6 +35,9 @@ class Tracker:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        if wandb.run is not None:  # a run that failed earlier in this process never finished: close it as failed
+            log.warning("closing wandb run %s left open by an earlier run that failed in this process", wandb.run.id)
+            wandb.run.finish(exit_code=1)
         id_file = run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         kwargs = dict(

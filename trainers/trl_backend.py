@@ -40,7 +40,7 @@ from evals.tasks.jsonl import json_objects
 from mitigations.base import Mitigation, StepContext
 from mitigations.process_rewards.core import char_ends_to_token_ends, step_advantages
 from trainers.checkpoints import last_good_checkpoint, write_manifest
-from trainers.errors import UserError
+from trainers.errors import UserError, check_finite
 from trainers.recipe import DataSpec, Recipe, TrainerSpec
 
 STATE_FILE = "llm_limits_state.json"
@@ -251,6 +251,7 @@ class _Hooks:
             if extra is not None:
                 loss = loss + extra
                 self.pending[f"{m.name}/extra_loss"] = float(extra.detach())
+        check_finite(loss, ctx.step)
         return loss
 
 
@@ -265,7 +266,9 @@ def _sft_trainer_cls() -> type:
             # TRL recomputes the logits for return_outputs=True (a second forward): ask only when a hook reads them.
             need = return_outputs or any(type(m).extra_loss is not Mitigation.extra_loss for m in self.mitigations)
             if not need:
-                return super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                check_finite(loss, ctx.step)
+                return loss
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
             loss = self._extra(loss, outputs, inputs, ctx)
             return (loss, outputs) if return_outputs else loss
@@ -351,6 +354,11 @@ def _grpo_trainer_cls() -> type:
                 out["advantages"] = adv.to(out["completion_ids"].device)
                 self._metrics["train"]["process/step_reward_mean"].append(sum(flat) / max(1, len(flat)))
             return out
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            check_finite(loss[0] if return_outputs else loss, int(self.state.global_step))
+            return loss
 
     return ProcessGRPOTrainer
 
