@@ -64,3 +64,39 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, poison, back
         assert (run_dir / "checkpoints" / "step-000002.ckpt").is_file()
         state = torch.load(run_dir / "checkpoints" / "step-000002.ckpt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    import errno
+
+    import trainers.run
+
+    def full(path, results):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(trainers.run, "write_results", full)
+    r = copy.deepcopy(TINY)
+    r["output_dir"] = str(tmp_path / "runs")
+    out = run_in_process("train", str(write(tmp_path, r)), "--no-progress")
+    assert out.returncode == 2
+    line = out.stderr.strip()
+    assert "\n" not in line and "results.json: no space left on device" in line and "--resume" in line
+
+
+def test_secrets_in_the_environment_never_reach_the_run_directory(tmp_path, monkeypatch):
+    """The resolved recipe, results, reports and the offline wandb run hold recipe fields only: tokens in the
+    environment (WANDB_API_KEY, HF_TOKEN, anything else) appear in no file of the run directory."""
+    secrets = {"WANDB_API_KEY": "wandbsecret" + "0" * 29, "HF_TOKEN": "hf_secrettokenvalue123", "MY_PASSWORD": "pw-7f3a9c"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    r = copy.deepcopy(TINY)
+    r["output_dir"] = str(tmp_path / "runs")
+    r["trainer"]["max_steps"] = 2
+    out = run_in_process("train", str(write(tmp_path, r)), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)  # the offline wandb run is among the files searched
+    for p in files:
+        data = p.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in data, f"{name} leaked into {p}"

@@ -6,6 +6,8 @@ traceback. Bugs still raise (a traceback is what a developer needs then).
 
 from __future__ import annotations
 
+import errno
+
 import logging
 import os
 from pathlib import Path
@@ -62,6 +64,16 @@ def _fail(err: UserError) -> None:
     raise typer.Exit(2)
 
 
+def _disk_full(err: OSError) -> None:
+    """A full disk is the user's machine, not a bug: one line naming what could not be written, exit 2. Any other
+    OSError is re-raised."""
+    if err.errno != errno.ENOSPC:
+        raise err
+    where = err.filename or "the run directory"
+    _fail(UserError(f"{where}: no space left on device; the checkpoints written so far are kept: free space, then "
+                    "llm-limits train --resume <run directory>"))
+
+
 @app.command()
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML (omit with --resume)."),
@@ -86,6 +98,8 @@ def train(
         out = run.train(recipe or "", args, resume=resume, progress=not no_progress, echo=console.print, run_dir=run_dir)
     except UserError as e:
         _fail(e)
+    except OSError as e:
+        _disk_full(e)
     from trainers.lightning_backend import is_rank_zero
 
     if is_rank_zero():
@@ -107,6 +121,8 @@ def eval_(
         out = run.evaluate(target, list(overrides or []), checkpoint=checkpoint, progress=not no_progress, echo=console.print)
     except UserError as e:
         _fail(e)
+    except OSError as e:
+        _disk_full(e)
     _print_summary(out)
 
 

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from evals.tasks import TASKS, TaskDataError
 from evals.tasks.ruler import load_jsonl as ruler_load_jsonl
@@ -204,12 +204,68 @@ def _check_params(spec: DataSpec, config_cls: type, params: dict[str, Any]) -> N
         raise UserError(f"data.params.{_format_error(e, model, params)}") from None
 
 
+class ResumableRandomSampler(Sampler[int]):
+    """The order of ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``, restartable mid-epoch.
+
+    Per epoch it makes the same two draws from its generator that such a loader makes (the loader's int64 base seed,
+    then the permutation), so a run's data order is the same as with a plain shuffled loader. ``epoch_state`` is the
+    generator's state when the current epoch began; ``resume(state, skip)`` makes the next epoch restart from it and
+    skip the first ``skip`` indices (if they cover the whole epoch, that epoch is replayed silently and the following
+    one served whole). A run resumed from a mid-epoch checkpoint so sees exactly the batches the uninterrupted run saw.
+    Single process: under DDP Lightning swaps in its DistributedSampler.
+
+    >>> s = ResumableRandomSampler(10, batch_size=3, drop_last=True, seed=5)
+    >>> first = list(s); state = s.epoch_state; second = list(s)
+    >>> s.resume(state, 3); list(s) == first[3:]
+    True
+    >>> s.resume(state, 9); list(s) == second   # a checkpoint at the end of an epoch: the next epoch comes whole
+    True
+    """
+
+    def __init__(self, n: int, *, batch_size: int, drop_last: bool, seed: int) -> None:
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.per_epoch = (n // batch_size) * batch_size if drop_last else n
+        self.epoch_state: torch.Tensor = self.generator.get_state()
+        self._resume: tuple[torch.Tensor, int] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def resume(self, state: torch.Tensor, skip: int) -> None:
+        self._resume = (state, int(skip))
+
+    def _draw(self) -> list[int]:
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader's base seed, as before
+        return torch.randperm(self.n, generator=self.generator).tolist()
+
+    def _tail(self) -> None:
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler's trailing (empty) slice, drawn when exhausted
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            state, skip = self._resume
+            self._resume = None
+            self.generator.set_state(state)
+            if skip >= self.per_epoch:
+                self._draw()
+                self._tail()
+                skip = 0
+        self.epoch_state = self.generator.get_state()
+        yield from self._draw()[skip:]
+        self._tail()
+
+
 def build_loaders(
     spec: DataSpec, tokenizer: Any, seed: int
 ) -> tuple[DataLoader, DataLoader | None]:
-    """Shuffled (seeded) training loader and an ordered validation loader."""
+    """Shuffled (seeded, resumable mid-epoch) training loader and an ordered validation loader."""
     train, val = build_datasets(spec, tokenizer, seed)
-    g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=g, drop_last=len(train) >= spec.batch_size)
+    drop_last = len(train) >= spec.batch_size
+    sampler = ResumableRandomSampler(len(train), batch_size=spec.batch_size, drop_last=drop_last, seed=seed)
+    # The loader draws its (unused, no workers) base seed from its own generator: the sampler owns the data order.
+    train_loader = DataLoader(train, batch_size=spec.batch_size, sampler=sampler, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(seed))
     val_loader = DataLoader(val, batch_size=spec.batch_size, shuffle=False) if val is not None else None
     return train_loader, val_loader

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from transformers import get_scheduler
 from mitigations.base import MODEL_KEYS, Mitigation, StepContext
 from trainers.errors import UserError, check_finite
 from trainers.recipe import TrainerSpec
+
+# Mid-epoch resume is exact here: the train sampler's position rides in the module's checkpoint state
+# (trainers/data.py ResumableRandomSampler), which Lightning cannot see, so its generic warning does not apply.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions", "ssmax")
 """Parameter-name parts exempt from weight decay (decay would pull SSMax's log-length scale s towards 0)."""
@@ -46,6 +51,11 @@ class CausalLMModule(L.LightningModule):
                     "(set trainer.backend to an RL backend such as trl)"
                 )
         self.tokens_seen = 0
+        self.train_sampler: Any = None
+        """The train loader's :class:`~trainers.data.ResumableRandomSampler`, when it has one (set by the run)."""
+        self.train_batch_size: int | None = None
+        """Rows per micro-batch of that loader (set by the run)."""
+        self._epoch_batches = 0
         self.history: list[dict[str, float]] = []
         """Training metrics logged on this rank, for the report's loss plot."""
         self._pending: dict[str, float] = {}
@@ -66,6 +76,9 @@ class CausalLMModule(L.LightningModule):
         self._pending[name] = float(value)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        # Micro-batches of this epoch served so far; Lightning's batch_idx counts within the epoch and continues
+        # from the restored position after a resume (it does not restart at 0, and no epoch-start hook runs).
+        self._epoch_batches = batch_idx + 1
         ctx = self._ctx()
         for m in self.mitigations:
             try:
@@ -131,6 +144,9 @@ class CausalLMModule(L.LightningModule):
             "mitigations": {m.name: m.state_dict() for m in self.mitigations},
             "tokens_seen": self.tokens_seen,
             "history": self.history,
+            # where the data order stands: the epoch's sampler state and the micro-batches it has already served
+            "epoch_batches": self._epoch_batches,
+            "sampler_state": getattr(self.train_sampler, "epoch_state", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -140,6 +156,10 @@ class CausalLMModule(L.LightningModule):
                 m.load_state_dict(state["mitigations"][m.name])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.history = list(state.get("history", []))
+        sampler_state = state.get("sampler_state")
+        if sampler_state is not None and self.train_sampler is not None and hasattr(self.train_sampler, "resume"):
+            self._epoch_batches = int(state.get("epoch_batches", 0))
+            self.train_sampler.resume(sampler_state, self._epoch_batches * int(self.train_batch_size or 0))
 
 
 def lr_factor(done: float, warmup: float, total: float, schedule: str) -> float:

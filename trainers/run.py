@@ -218,6 +218,8 @@ def train(
         model = apply_setup(built.mitigations, built.model, built.tokenizer)
     else:
         module = CausalLMModule(built.model, built.mitigations, r.trainer, tokenizer=built.tokenizer)
+        module.train_sampler = getattr(train_data, "sampler", None)  # its position rides in every checkpoint
+        module.train_batch_size = train_data.batch_size
         model = module.model
     rank0 = is_rank_zero()
 
