@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from evals.base import EvalResult, LimitSpec, compare
 from trainers.recipe import WandbSpec
 from trainers.tracking import RUN_ID_FILE, Tracker
+
+from tests.conftest import REPO
 
 
 def _result(curve, limit):
@@ -39,3 +47,38 @@ def test_disabled_tracking_writes_nothing(tmp_path):
     tracker.finish()
     assert tracker.files_dir is None and tracker.lightning_logger() is None
     assert list(tmp_path.iterdir()) == []
+
+
+_ONLINE = """
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+from trainers.recipe import WandbSpec
+from trainers.tracking import Tracker
+from evals.base import EvalResult, LimitSpec
+tracker = Tracker(WandbSpec(mode="online"), Path(sys.argv[1]), "unit", {"seed": 1})
+spec = LimitSpec(metric="loss", axis="position", axis_values=(16.0,), higher_is_better=False, limit="context")
+tracker.log_eval("context", EvalResult(eval="positional_loss", spec=spec, curve={16.0: 2.0}, limit_value=16.0,
+                                       threshold=2.2), "after", step=3)
+tracker.finish()
+print("MODE", tracker.mode)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [None, "0" * 40], ids=["no-key", "no-network"])
+def test_online_without_key_or_network_falls_back_to_offline(tmp_path, key):
+    # No network: a key, and a server address nothing listens on. wandb's own init timeout bounds the wait.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="10", PYTHONPATH=str(REPO))
+    if key:
+        env["WANDB_API_KEY"] = key
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = subprocess.run([sys.executable, "-c", _ONLINE, str(run_dir)], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MODE offline" in out.stdout
+    assert "falling back to offline" in out.stdout
+    run_id = (run_dir / RUN_ID_FILE).read_text()
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))  # the numbers are kept for `wandb sync`

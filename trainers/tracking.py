@@ -58,8 +58,12 @@ class Tracker:
         except Exception as e:  # online with no key or no network: keep training, keep the numbers
             if spec.mode != "online":
                 raise
-            log.warning("wandb online failed (%s); falling back to offline: sync later with `wandb sync`", e)
+            log.warning("wandb online failed (%s); falling back to offline: sync later with `wandb sync`",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
             self.mode = "offline"
+            # The failed online attempt's wandb service still holds the run id ("run ID ... is in use"): shut it
+            # down, so the offline run starts on a fresh service with the same id (a later `wandb sync` matches it).
+            wandb.teardown()
             self.run = _init(wandb, mode="offline", **kwargs)
         id_file.write_text(run_id)
 
