@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from trainers.checkpoints import MANIFEST, checkpoint_folders, last_good_checkpoint, verify, write_manifest
+from trainers.checkpoints import (
+    MANIFEST, checkpoint_folders, last_good_checkpoint, manifest_path, verify, write_manifest,
+)
 
 
 def _ckpt(root: Path, step: int, manifest: bool = True) -> Path:
@@ -42,3 +45,19 @@ def test_last_good_checkpoint_skips_interrupted_and_damaged(tmp_path):
     assert len(warnings) == 2 and "checkpoint-10: skipped, no manifest (the save did not finish)" in warnings[0]
     assert "checkpoint-4: skipped, model.safetensors has 10 bytes" in warnings[1]
     assert last_good_checkpoint(tmp_path / "missing", warn=warnings.append) is None
+
+
+def test_a_single_file_checkpoint_has_its_manifest_beside_it(tmp_path):
+    """Lightning's checkpoints are single files: ``last.ckpt`` -> ``last.ckpt.manifest.json``, same format."""
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(bytes(range(256)) * 40)
+    m = write_manifest(ckpt, 7)
+    assert m == manifest_path(ckpt) == tmp_path / "last.ckpt.manifest.json"
+    assert list(json.loads(m.read_text())["files"]) == ["last.ckpt"] and verify(ckpt) is None
+    data = bytearray(ckpt.read_bytes())
+    data[100] ^= 1  # one bit flipped
+    ckpt.write_bytes(bytes(data))
+    assert verify(ckpt) == "last.ckpt does not match its checksum"
+    ckpt.write_bytes(bytes(data[:5000]))
+    assert verify(ckpt) == "last.ckpt has 5000 bytes, the manifest says 10240"
+    assert verify(tmp_path / "step-000001.ckpt") == "no manifest (the save did not finish)"

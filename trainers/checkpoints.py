@@ -7,6 +7,10 @@ file's size and SHA-256 in ``manifest.json`` (written to a temporary name, then 
 it skips is reported with the reason (no manifest: the save was interrupted; a size or checksum mismatch: the files
 changed or were cut short).
 
+A single-file checkpoint (Lightning's ``last.ckpt``, ``step-N.ckpt``) gets the same manifest beside it,
+``<name>.manifest.json``, listing that one file: the file itself is written atomically, but a copy cut short or bit
+rot later is only found when loading fails without one.
+
 Hashing cost: files up to ``FULL_HASH_BYTES`` are hashed whole; bigger ones (multi-GB weight and optimizer shards) by
 their size plus the SHA-256 of their first and last MiB, which catches truncation and most damage without reading
 the whole file at every save.
@@ -43,29 +47,44 @@ def file_digest(path: Path) -> str:
     return "edges:" + h.hexdigest()
 
 
-def write_manifest(folder: Path, step: int) -> Path:
-    """Record every file under ``folder`` (but the manifest itself) with its size and digest; atomic."""
+def manifest_path(checkpoint: Path) -> Path:
+    """Where ``checkpoint``'s manifest lives: inside a folder (``manifest.json``), beside a single file
+    (``last.ckpt`` -> ``last.ckpt.manifest.json``)."""
+    if checkpoint.is_dir():
+        return checkpoint / MANIFEST
+    return checkpoint.with_name(f"{checkpoint.name}.{MANIFEST}")
+
+
+def write_manifest(checkpoint: Path, step: int) -> Path:
+    """Record every file of ``checkpoint`` (a folder: every file under it but the manifest; a file: itself) with its
+    size and digest; atomic. Call it once the checkpoint is complete."""
+    if checkpoint.is_dir():
+        base, paths = checkpoint, sorted(checkpoint.rglob("*"))
+    else:
+        base, paths = checkpoint.parent, [checkpoint]
     files = {}
-    for p in sorted(folder.rglob("*")):
+    for p in paths:
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"):
-            files[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
-    tmp = folder / f".{MANIFEST}.tmp"
+            files[str(p.relative_to(base))] = {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    target = manifest_path(checkpoint)
+    tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    os.replace(tmp, target)
+    return target
 
 
-def verify(folder: Path) -> str | None:
-    """``None`` when ``folder``'s manifest matches its files, else the reason it does not (one line)."""
-    m = folder / MANIFEST
+def verify(checkpoint: Path) -> str | None:
+    """``None`` when ``checkpoint``'s manifest matches its files, else the reason it does not (one line)."""
+    m = manifest_path(checkpoint)
     if not m.is_file():
         return "no manifest (the save did not finish)"
+    base = checkpoint if checkpoint.is_dir() else checkpoint.parent
     try:
         files = json.loads(m.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return "unreadable manifest"
     for rel, meta in files.items():
-        p = folder / rel
+        p = base / rel
         if not p.is_file():
             return f"{rel} is missing"
         if p.stat().st_size != meta["bytes"]:
@@ -83,12 +102,23 @@ def checkpoint_folders(root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def last_good_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint folder under ``root`` whose manifest verifies; each one skipped is reported through
-    ``warn`` with its reason. ``None`` when there is none."""
-    for folder in checkpoint_folders(root):
-        reason = verify(folder)
+def last_good_checkpoint(
+    root: Path, warn: Callable[[str], None] = print, *, candidates: Callable[[Path], list[Path]] = checkpoint_folders,
+    legacy_ok: bool = False,
+) -> Path | None:
+    """The newest checkpoint under ``root`` whose manifest verifies; each one skipped is reported through ``warn``
+    with its reason. ``None`` when there is none.
+
+    ``candidates(root)`` lists the checkpoints, newest first (default: HF ``checkpoint-N`` folders). With
+    ``legacy_ok``, a run none of whose checkpoints has a manifest (written before manifests existed) resumes from
+    its newest checkpoint unverified, with a warning; once any checkpoint has a manifest, one without is skipped."""
+    found = candidates(root)
+    if legacy_ok and found and not any(manifest_path(c).is_file() for c in found):
+        warn(f"checkpoint {found[0]}: no manifest (written before checkpoints had one); using it unverified")
+        return found[0]
+    for checkpoint in found:
+        reason = verify(checkpoint)
         if reason is None:
-            return folder
-        warn(f"checkpoint {folder}: skipped, {reason}; trying the one before")
+            return checkpoint
+        warn(f"checkpoint {checkpoint}: skipped, {reason}; trying the one before")
     return None

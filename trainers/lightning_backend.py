@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import get_scheduler
 
 from mitigations.base import MODEL_KEYS, Mitigation, StepContext
+from trainers import checkpoints
 from trainers.errors import UserError, check_finite
 from trainers.recipe import TrainerSpec
 
@@ -140,13 +142,19 @@ class CausalLMModule(L.LightningModule):
 
     # --- checkpoints carry the mitigations' state ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sampler_state, served = getattr(self.train_sampler, "epoch_state", None), self._epoch_batches
+        if sampler_state is not None and served * int(self.train_batch_size or 0) >= self.train_sampler.per_epoch:
+            # The epoch's last batch is served: the next epoch starts from the generator as it stands now. Replaying
+            # the epoch would not get there: Lightning stops at the loader's length, so the sampler is never exhausted
+            # and its tail draw (which a replay makes) does not happen.
+            sampler_state, served = self.train_sampler.generator.get_state(), 0
         checkpoint["llm_limits"] = {
             "mitigations": {m.name: m.state_dict() for m in self.mitigations},
             "tokens_seen": self.tokens_seen,
             "history": self.history,
             # where the data order stands: the epoch's sampler state and the micro-batches it has already served
-            "epoch_batches": self._epoch_batches,
-            "sampler_state": getattr(self.train_sampler, "epoch_state", None),
+            "epoch_batches": served,
+            "sampler_state": sampler_state,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -181,18 +189,68 @@ def lr_factor(done: float, warmup: float, total: float, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+CHECKPOINT_FILE = "step-{step:06d}"
+"""Periodic checkpoints are ``checkpoints/step-000019.ckpt``; the newest is also ``checkpoints/last.ckpt``."""
+_STEP_FILE = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+class ManifestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus a manifest (size + SHA-256, :mod:`trainers.checkpoints`) beside every
+    checkpoint it writes, written once the file is complete; pruning a checkpoint removes its manifest with it.
+
+    Overrides two private methods of ModelCheckpoint (lightning is pinned to 2.6.6): ``_save_checkpoint`` (every save,
+    periodic and ``last``, goes through it) and ``_remove_checkpoint`` (keep-last pruning)."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)  # returns once every rank's part is written (it ends in a barrier)
+        if trainer.is_global_zero:
+            checkpoints.write_manifest(Path(filepath), int(trainer.global_step))
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:  # after the file: a kill in between leaves a stray manifest, not an unverified file
+            checkpoints.manifest_path(Path(filepath)).unlink(missing_ok=True)
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    """The run's Lightning checkpoints under ``root``, newest first: ``last.ckpt``, then ``step-N.ckpt`` by N."""
+    if not root.is_dir():
+        return []
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_FILE.match(p.name))), reverse=True)
+    last = root / "last.ckpt"
+    return ([last] if last.exists() else []) + [p for _, p in steps]
+
+
+def last_good_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest Lightning checkpoint under ``root`` whose manifest verifies, each one skipped reported in one line
+    through ``warn`` (:func:`trainers.checkpoints.last_good_checkpoint`, as the TRL backend). A run none of whose
+    checkpoints has a manifest (saved before manifests existed) resumes from the newest unverified, with a warning;
+    in a run that has manifests, a file without one was saved by a run stopped before its manifest: skipped (the file
+    itself is written atomically, but only on one filesystem: fsspec stages it in the system temp directory and
+    moves it, which is a copy when that is another filesystem)."""
+    return checkpoints.last_good_checkpoint(root, warn, candidates=checkpoint_files, legacy_ok=True)
+
+
 def build_trainer(spec: TrainerSpec, run_dir: Path, logger: Any, *, has_val: bool, progress: bool = True) -> L.Trainer:
     """A Lightning Trainer for the recipe's trainer section, checkpointing into ``run_dir/checkpoints``."""
     every = spec.checkpoint_every or spec.max_steps
-    checkpoint = ModelCheckpoint(
+    checkpoint = ManifestCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="step-{step:06d}",
+        filename=CHECKPOINT_FILE,
         auto_insert_metric_name=False,
         every_n_train_steps=every,
         save_top_k=spec.keep_last,
-        monitor="step",
+        monitor="step",  # save_top_k > 1 needs a monitor; the largest steps are the newest
         mode="max",
         save_last=True,
+        # Save every `every` steps in on_train_batch_end, the epoch's last batch included. Left unset, ModelCheckpoint
+        # decides that a monitored run with check_val_every_n_epoch=None saves after validation, so on an epoch's last
+        # batch it defers the save to on_validation_end, and no validation follows unless val_every falls there: the
+        # checkpoint was lost. `step` is known at every batch; nothing needs validation's metrics.
+        save_on_train_epoch_end=True,
+        # A step saved again after a resume from an earlier checkpoint replaces its file (and its manifest) instead of
+        # becoming step-N-v1.ckpt beside it, which the restored keep-last list would never prune.
+        enable_version_counter=False,
     )
     callbacks: list[Any] = [checkpoint]
     if progress:

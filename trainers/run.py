@@ -23,7 +23,7 @@ from mitigations import MITIGATIONS
 from mitigations.base import Mitigation
 from trainers.data import build_loaders
 from trainers.errors import UserError
-from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero
+from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero, last_good_checkpoint
 from trainers.models import apply_lora, build_model, count_parameters, save_model
 from trainers.recipe import ResolvedRecipe, load_recipe
 from trainers.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
@@ -276,10 +276,13 @@ def train(
     else:
         trainer = build_trainer(r.trainer, run_dir, tracker.lightning_logger() if tracker else None,
                                 has_val=val_data is not None, progress=progress)
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if (resume and last.exists()) else None
+        warn = echo if rank0 else (lambda _: None)
+        good = last_good_checkpoint(run_dir / "checkpoints", warn=warn) if resume else None
+        ckpt_path = str(good) if good is not None else None
         if resume and ckpt_path is None and rank0:
-            echo(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; training from the start")
+            echo(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; training from the start")
+        elif resume and rank0:
+            echo(f"--resume: continuing from {ckpt_path}")
         stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
         if not rank0:
             return run_dir
