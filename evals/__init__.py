@@ -2,15 +2,19 @@
 
 from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
 from evals.context import Context
+from evals.hallucination import Hallucination
 from evals.positional_loss import PositionalLoss
 from evals.reasoning import ProcessReward, Reasoning
+from evals.retrieval import Retrieval
 
 EVALS: dict[str, type[Eval]] = {
     "positional_loss": PositionalLoss,
     "context": Context,
     "reasoning": Reasoning,
     "prm": ProcessReward,
+    "retrieval": Retrieval,
+    "hallucination": Hallucination,
 }
 """``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
 
-__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "compare", "read_limit"]
+__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Hallucination", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "Retrieval", "compare", "read_limit"]

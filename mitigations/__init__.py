@@ -1,6 +1,7 @@
 """Training-time mitigations, registered by name in one dict (no plugin system, no import-time magic)."""
 
 from mitigations.base import Mitigation, MitigationConfig, StepContext
+from mitigations.bounded_retrieval import BoundedRetrieval
 from mitigations.noop import NoOp
 from mitigations.positional import Positional
 from mitigations.process_rewards import ProcessRewards
@@ -9,6 +10,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
     "noop": NoOp,
     "positional": Positional,
     "process_rewards": ProcessRewards,
+    "bounded_retrieval": BoundedRetrieval,
 }
 """``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
 

@@ -2,6 +2,9 @@
 
 A backend (``trainers/``) builds each mitigation from its recipe entry and calls the hooks in this order:
 
+0. ``transform_records(records, seed=...)`` once, when a backend builds a prompt/completion training set (the TRL
+   backend's SFT): the records the trainer sees, e.g. retrieval contexts with distractors (RAFT) rebuilt from each
+   record's fields. Data-level, before tokenization; the default returns the records unchanged.
 1. ``setup(model, tokenizer)`` once, after the model is built and before the optimizer is made; it may change the
    model in place (e.g. swap the attention function) and returns it.
 2. per optimizer micro-step: ``transform_batch(batch, ctx)`` (in list order, each sees the previous one's output),
@@ -87,6 +90,11 @@ class Mitigation:
         self.injected = injected
 
     # --- hooks -------------------------------------------------------------------------------------------------
+    def transform_records(self, records: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
+        """The prompt/completion records to train on, built from ``records`` (a task's records, every field kept);
+        must not modify them in place. ``seed`` is the run's seed, so the same recipe builds the same data."""
+        return records
+
     def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> torch.nn.Module:
         """Called once before the optimizer is built. Returns the (possibly modified) model."""
         return model
@@ -131,5 +139,5 @@ class Mitigation:
 
 def hooks_overridden(mitigation: Mitigation) -> list[str]:
     """Names of the hooks a mitigation implements (for logs and ``llm-limits ls``)."""
-    names = ["setup", "transform_batch", "extra_loss", "reward_fns", "step_rewards", "state_dict", "load_state_dict"]
+    names = ["transform_records", "setup", "transform_batch", "extra_loss", "reward_fns", "step_rewards", "state_dict", "load_state_dict"]
     return [n for n in names if getattr(type(mitigation), n) is not getattr(Mitigation, n)]

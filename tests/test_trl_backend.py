@@ -125,7 +125,7 @@ def test_verifier_rewards():
 
 # --- recipe rules -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
-    ({"trainer.max_tokens": 100}, "trainer: max_tokens: the trl backend counts optimizer steps"),
+    ({"trainer.max_tokens": 100}, "trainer: max_tokens: the trl backend's grpo counts optimizer steps"),
     ({"data.batch_size": 6}, "data.batch_size: GRPO generates"),
     ({"trainer.trl.algorithm": "ppo"}, "trainer.trl.algorithm: expected one of"),
 ])
@@ -194,6 +194,19 @@ def test_sft_trains_and_resumes_exactly(tmp_path):
     resumed = train("unused", resume=str(crashed), progress=False, echo=lambda s: None)
     a, b = weights(run_dir), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_token_budget_sets_the_steps_and_stops_at_the_budget(tmp_path):
+    # chains at 2-4 ops: prompts and completions of a few dozen characters; 8 examples per step.
+    r = trl_recipe(tmp_path, "sft")
+    r["evals"] = []
+    r["trainer"].update(max_steps=1000, max_tokens=3000)
+    run_dir = train(str(write(tmp_path, r)), progress=False, echo=lambda s: None)
+    stats = json.loads((run_dir / "results.json").read_text())["train"]
+    per_example = stats["tokens_seen"] / (stats["steps"] * 8)
+    # Steps derived from the mean example length; the budget is reached (or missed by less than one step's tokens).
+    assert 3000 - 8 * per_example * 1.5 <= stats["tokens_seen"] <= 3000 + 8 * per_example * 1.5
+    assert stats["steps"] < 1000
 
 
 @pytest.mark.parametrize("reward", ["outcome", "process", "step"])

@@ -149,7 +149,9 @@ class TrainerSpec(Strict):
     max_tokens: int | None = Field(None, ge=1)
     """Train until this many tokens (non-padding, summed over ranks) have been seen, and run the LR schedule on token
     progress (``warmup_tokens``, then ``lr_schedule`` decay to ``max_tokens``). Arms whose batches differ in length (a
-    sequence-length curriculum) then compare at equal tokens. Set ``max_steps`` high enough not to stop first."""
+    sequence-length curriculum, retrieval contexts with distractors) then compare at equal tokens. Set ``max_steps``
+    high enough not to stop first. The trl backend (``sft`` only) turns the budget into steps from the training set's
+    mean example length and stops once the budget is reached."""
     warmup_tokens: int = Field(0, ge=0)
     """Linear LR warmup in tokens (with ``max_tokens``)."""
     lr: float = Field(1e-3, gt=0)
@@ -192,8 +194,9 @@ class TrainerSpec(Strict):
             raise ValueError(f"warmup_tokens must be < max_tokens (got {self.warmup_tokens} >= {self.max_tokens})")
         if self.max_tokens is None and self.warmup_tokens:
             raise ValueError("warmup_tokens needs max_tokens (the schedule runs in steps otherwise: use warmup_steps)")
-        if self.backend == "trl" and self.max_tokens is not None:
-            raise ValueError("max_tokens: the trl backend counts optimizer steps; use max_steps")
+        if self.backend == "trl" and self.max_tokens is not None and self.trl.algorithm != "sft":
+            raise ValueError(f"max_tokens: the trl backend's {self.trl.algorithm} counts optimizer steps; use max_steps "
+                             "(max_tokens works with trl.algorithm: sft)")
         if self.backend == "trl" and self.precision == "bf16-true":
             raise ValueError("precision: the trl backend takes bf16-mixed (set model.dtype: bfloat16 for bf16 weights)")
         return self

@@ -1,5 +1,8 @@
 """Domain pieces the trainer injects into mitigations (docs/architecture.md: mitigations never import evals).
 
+:func:`injected_for` is the one entry point: ``bounded_retrieval`` gets its retriever and renderers from
+:mod:`trainers.retrieval`; ``process_rewards`` gets the callables below.
+
 ``process_rewards`` needs three callables, all built here from the ``chains`` task of ``evals/tasks`` (or a trained
 process reward model):
 
@@ -60,11 +63,23 @@ def chain_step_scores(
     return out
 
 
-def injected_for(name: str, config: Any, *, where: str, task: str | None, device: str = "cpu") -> dict[str, Any]:
+def injected_for(
+    name: str, config: Any, *, where: str, task: str | None, device: str = "cpu", records: list[dict[str, Any]] | None = None,
+    tokenizer: Any = None, data_params: dict[str, Any] | None = None, index_dir: Path | None = None,
+) -> dict[str, Any]:
     """Keyword arguments for ``MITIGATIONS[name](config, **kwargs)``; ``task`` is the training records' ``task``
-    field (``None`` when there is no training data, e.g. ``llm-limits eval``). Bad combinations are one-line
-    :class:`UserError`s naming ``where`` (``mitigations[0]``)."""
-    if name != "process_rewards" or not getattr(config, "enabled", True):
+    field and ``records`` the records (``None`` when there is no training data, e.g. ``llm-limits eval``). Bad
+    combinations are one-line :class:`UserError`s naming ``where`` (``mitigations[0]``)."""
+    if not getattr(config, "enabled", True):
+        return {}
+    if name == "bounded_retrieval":
+        if records is None:
+            return {}  # nothing to build: the mitigation only shapes training data
+        from trainers.retrieval import retrieval_injected
+
+        return retrieval_injected(config, records=records, tokenizer=tokenizer, data_params=data_params, where=where,
+                                  index_dir=index_dir)
+    if name != "process_rewards":
         return {}
     kwargs: dict[str, Any] = {"outcome": chain_outcome, "step_ends": step_end_offsets}
     if config.scorer == "prm":

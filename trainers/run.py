@@ -28,6 +28,7 @@ from trainers.models import apply_lora, build_model, count_parameters, save_mode
 from trainers.recipe import ResolvedRecipe, load_recipe
 from trainers.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
 from trainers import trl_backend
+from trainers.retrieval import INDEX_DIR
 from trainers.rewards import injected_for
 from trainers.tokenizers import load_tokenizer
 from trainers.tracking import Tracker
@@ -54,19 +55,22 @@ class Built:
     """(result key, eval, when) in recipe order; the key is the eval name, suffixed when a name repeats."""
 
 
-def build(resolved: ResolvedRecipe, *, checkpoint: str | None = None, with_data: bool = True) -> tuple[Built, Any, Any]:
+def build(
+    resolved: ResolvedRecipe, *, checkpoint: str | None = None, with_data: bool = True, index_dir: Path | None = None
+) -> tuple[Built, Any, Any]:
     """Tokenizer, model (+LoRA), mitigations, evals and the training data: Lightning data loaders, or the TRL
-    backend's datasets (``trainer.backend: trl``). Raises :class:`UserError` on bad input, always
-    naming the recipe file."""
+    backend's datasets (``trainer.backend: trl``, after the mitigations' ``transform_records``). ``index_dir``: a
+    run's saved retrieval index to load rather than rebuild (``--resume``). Raises :class:`UserError` on bad input,
+    always naming the recipe file."""
     try:
-        return _build(resolved, checkpoint=checkpoint, with_data=with_data)
+        return _build(resolved, checkpoint=checkpoint, with_data=with_data, index_dir=index_dir)
     except UserError as e:
         if str(e).startswith(f"{resolved.source}: "):
             raise
         raise UserError(f"{resolved.source}: {e}") from None
 
 
-def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool) -> tuple[Built, Any, Any]:
+def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool, index_dir: Path | None) -> tuple[Built, Any, Any]:
     r = resolved.recipe
     L.seed_everything(r.seed, workers=True, verbose=False)
     trl = r.trainer.backend == "trl"
@@ -90,16 +94,29 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool)
     if m.lora is not None and checkpoint is None:
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     data: tuple[Any, Any] = (None, None)
-    task = None
-    if with_data and trl:
-        labels_cfg = next((c.labels for n, c in resolved.mitigations if n == "process_rewards" and c.enabled), None)
-        *data, task = trl_backend.build_datasets(r, tokenizer, model, labels_cfg)
-    elif with_data:
-        data = build_loaders(r.data, tokenizer, r.seed)
+    records = trl_backend.load_prompt_records(r.data, r.seed, tokenizer) if with_data and trl else None
+    task = records[0].get("task") if records else None
     mitigations = [
-        MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task))
+        MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task, records=records,
+                                                 tokenizer=tokenizer, data_params=r.data.params, index_dir=index_dir))
         for i, (name, config) in enumerate(resolved.mitigations)
     ]
+    for i, mit in enumerate(mitigations):
+        if not mit.enabled or type(mit).transform_records is Mitigation.transform_records:
+            continue
+        if not trl:
+            raise UserError(f"mitigations[{i}]: {mit.name} builds prompt/completion training data: it needs "
+                            "trainer.backend: trl")
+        if records is not None:
+            try:
+                records = mit.transform_records(records, seed=r.seed)
+            except ValueError as e:
+                raise UserError(f"mitigations[{i}]: {mit.name}: {e}") from None
+    if with_data and trl:
+        labels_cfg = next((c.labels for n, c in resolved.mitigations if n == "process_rewards" and c.enabled), None)
+        *data, task = trl_backend.build_datasets(r, tokenizer, model, labels_cfg, records=records)
+    elif with_data:
+        data = build_loaders(r.data, tokenizer, r.seed)
     if trl and r.trainer.trl.algorithm == "grpo" and not any(m.enabled and m.reward_fns() for m in mitigations):
         raise UserError("mitigations: GRPO needs a reward: add an enabled mitigation that provides one "
                         "(e.g. - name: process_rewards)")
@@ -212,7 +229,7 @@ def train(
         run_dir = None  # made below, once everything has been built
     r = resolved.recipe
     # --- build (all user errors surface here, before anything is written) ----------------------------------------
-    built, train_data, val_data = build(resolved)
+    built, train_data, val_data = build(resolved, index_dir=(run_dir / INDEX_DIR) if run_dir is not None else None)
     trl = r.trainer.backend == "trl"
     if trl:
         model = apply_setup(built.mitigations, built.model, built.tokenizer)
@@ -242,12 +259,17 @@ def train(
     tracker = None
     if rank0:
         write_atomic(run_dir / RECIPE_FILE, _recipe_text(resolved))
+        save_artifacts(built.mitigations, run_dir)
         tracker = Tracker(r.tracking.wandb, run_dir, r.name, resolved.to_dict())
         results["wandb"] = {"mode": tracker.mode, "dir": tracker.files_dir}
         trainable, total = count_parameters(model)
         results["model"] = {"trainable_params": trainable, "total_params": total, "type": type(model).__name__}
         echo(f"run directory: {run_dir}")
         echo(f"model: {type(model).__name__}, {total:,} parameters ({trainable:,} trainable)")
+        for m in built.mitigations:  # what a data-building mitigation made of the records (kinds, tokens)
+            if m.enabled and getattr(m, "stats", None):
+                results.setdefault("data", {})[m.name] = dict(m.stats)
+                echo(f"data: {m.name}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.stats.items()))
     limits = [ev.spec().limit for _, ev, _ in built.evals]
 
     # --- eval before ----------------------------------------------------------------------------------------------
@@ -321,6 +343,16 @@ def train(
         if f is not None:
             f.unlink(missing_ok=True)
     return run_dir
+
+
+def save_artifacts(mitigations: list[Mitigation], run_dir: Path) -> None:
+    """Write what the trainer built for the mitigations (a retrieval index: ``artifacts`` name -> ``save(dir)``) into
+    the run directory, once; a resumed run already has them and loads them (:func:`build`'s ``index_dir``)."""
+    for m in mitigations:
+        for name, save in (m.injected.get("artifacts") or {}).items():
+            target = run_dir / name
+            if not target.exists():
+                save(target)
 
 
 def apply_setup(mitigations: list[Mitigation], model: torch.nn.Module, tokenizer: Any) -> torch.nn.Module:

@@ -56,7 +56,8 @@ GRPO_COLUMNS = ("question", "gold_answer", "modulus", "task", "prefix")
 # --- data -----------------------------------------------------------------------------------------------------------
 def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[str, Any]]:
     """Records with ``prompt`` and ``completion`` (and the task's other fields): from the user's JSONL (GSM8K-style,
-    PRM800K-style or plain ``{"prompt", "completion"}`` lines) or from a task generator such as ``chains``."""
+    PRM800K-style, retrieval QA with oracle passages (ours, HotpotQA, RAFT: told apart by the first line's keys) or
+    plain ``{"prompt", "completion"}`` lines) or from a task generator such as ``chains`` or ``kb``."""
     if spec.path is not None:
         from evals.tasks import TaskDataError
         from evals.tasks.chains import load_jsonl as chains_jsonl
@@ -69,6 +70,10 @@ def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[
                     if not isinstance(obj.get("prompt"), str) or not isinstance(obj.get("completion"), str):
                         raise TaskDataError(f"{where}: expected string fields prompt and completion")
                     records.append(obj)
+            elif {"oracle", "supporting_facts", "oracle_context"} & set(first):
+                from evals.tasks.kb import load_jsonl as kb_jsonl
+
+                records = kb_jsonl(spec.path)  # retrieval QA: ours, HotpotQA or RAFT (evals/tasks/kb.py)
             else:
                 records = chains_jsonl(spec.path)
         except TaskDataError as e:
@@ -140,12 +145,14 @@ def prm_rows(
 
 
 def build_datasets(
-    recipe: Recipe, tokenizer: Any, model: Any, labels_cfg: Any = None
+    recipe: Recipe, tokenizer: Any, model: Any, labels_cfg: Any = None, records: list[dict[str, Any]] | None = None,
 ) -> tuple[Dataset, Dataset | None, str | None]:
     """Train and validation datasets for ``trainer.trl.algorithm``, and the records' task name. ``labels_cfg`` is the
-    ``process_rewards`` mitigation's ``labels`` section (how reward-model labels are made), if the recipe has one."""
+    ``process_rewards`` mitigation's ``labels`` section (how reward-model labels are made), if the recipe has one.
+    ``records``: the prompt records already loaded (and passed through the mitigations' ``transform_records``)."""
     algo = recipe.trainer.trl.algorithm
-    records = load_prompt_records(recipe.data, recipe.seed, tokenizer)
+    if records is None:
+        records = load_prompt_records(recipe.data, recipe.seed, tokenizer)
     task = records[0].get("task")
     if algo == "sft":
         rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
@@ -458,6 +465,30 @@ def training_kwargs(spec: TrainerSpec, data: DataSpec, run_dir: Path, seed: int,
     return kw
 
 
+def mean_example_tokens(ds: Dataset, tokenizer: Any) -> float:
+    """Mean tokens of one SFT example (prompt + completion + EOS), what ``num_input_tokens_seen`` counts for it."""
+    lengths = [len(tokenizer(p + c, add_special_tokens=False)["input_ids"]) + 1 for p, c in zip(ds["prompt"], ds["completion"])]
+    return sum(lengths) / max(1, len(lengths))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class TokenBudget(TrainerCallback):
+    """Stops training once ``max_tokens`` non-padding input tokens (summed over ranks) have been seen: the guard behind
+    the step count that :func:`fit` derives from the mean example length."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if int(getattr(state, "num_input_tokens_seen", 0) or 0) >= self.max_tokens:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
 class RunCallback(TrainerCallback):
     """Logs to the run's tracker, keeps the history for the report's loss plot, and writes the mitigations' state
     into every checkpoint folder."""
@@ -543,6 +574,14 @@ def fit(
     holder: dict[str, Any] = {}
     callback = RunCallback(lambda: holder["t"], enabled, tracker, history)
 
+    if spec.max_tokens:  # sft only (recipe rule): the token budget becomes steps, and a callback enforces it
+        per_step = mean_example_tokens(train_ds, tokenizer) * recipe.data.batch_size * spec.grad_accum * _world_size()
+        kw["max_steps"] = max(1, min(spec.max_steps, math.ceil(spec.max_tokens / per_step)))
+        kw["warmup_steps"] = min(kw["max_steps"] - 1, math.ceil(spec.warmup_tokens / per_step)) if spec.warmup_tokens else 0
+        if not spec.checkpoint_every:
+            kw["save_steps"] = kw["max_steps"]
+        if val_ds is not None and not spec.val_every:
+            kw["eval_steps"] = kw["max_steps"]
     if algo == "sft":
         from trl import SFTConfig
 
@@ -569,6 +608,8 @@ def fit(
                              data_collator=prm_collator(tokenizer.pad_token_id or 0), callbacks=[callback])
     trainer.mitigations, trainer.pending = enabled, {}
     holder["t"] = trainer
+    if spec.max_tokens:
+        trainer.add_callback(TokenBudget(spec.max_tokens))
 
     ckpt = None
     if resume:

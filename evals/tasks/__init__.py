@@ -13,12 +13,15 @@ from evals.tasks import ruler  # noqa: E402
 from evals.tasks.ruler import RulerConfig  # noqa: E402
 from evals.tasks import chains  # noqa: E402
 from evals.tasks.chains import ChainsConfig  # noqa: E402
+from evals.tasks import kb  # noqa: E402
+from evals.tasks.kb import KBConfig  # noqa: E402
 
 TASKS = {
     "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),
     "ruler": (RulerConfig, ruler.generate),
     "chains": (ChainsConfig, chains.generate),
+    "kb": (KBConfig, kb.generate),
 }
 """Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
 
-__all__ = ["TASKS", "ChainsConfig", "RulerConfig", "SyntheticTextConfig", "TaskDataError"]
+__all__ = ["TASKS", "ChainsConfig", "KBConfig", "RulerConfig", "SyntheticTextConfig", "TaskDataError"]

@@ -1,0 +1,292 @@
+"""The retrieval eval (evals/retrieval.py): its metrics with scripted answerers (exact values computed from the
+contexts the eval built), its config validation and check(), and the real run on an untrained tiny llama."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import evals
+from evals import EVALS, EvalResult, LimitSpec, read_limit
+from evals.retrieval import (
+    Retrieval,
+    RetrievalConfig,
+    answer_of,
+    arrange,
+    first_fit,
+    limit_floor,
+)
+from evals.tasks import kb
+from trainers.tokenizers import build_char_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPTED = {"examples": 48, "num_entities": 60}
+"""Scripted answerers cost nothing per question: enough questions for the rates to mean something."""
+
+TINY = {"examples": 4, "num_entities": 30, "distractors": [0, 2], "budgets": [32, 64], "position_distractors": 2,
+        "poison_counts": [0, 1], "poison_distractors": 1, "negative_distractors": 2, "max_new_tokens": 8,
+        "batch_size": 8}
+"""The real run: 4 questions, 2 + 2 + 3 + 2 + 1 contexts each (36 prompts of at most ~110 characters)."""
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+def tiny_llama(vocab_size: int, positions: int = 512):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=positions))
+
+
+# --- scripted answerers: functions of the prompt text ----------------------------------------------------------------
+def passages_of(prompt: str) -> list[str]:
+    return [line[len(kb.PASSAGE_PREFIX):] for line in prompt.split("\n") if line.startswith(kb.PASSAGE_PREFIX)]
+
+
+def value_of(passage: str) -> str:
+    """``home of Vokar is teln.`` -> ``teln``."""
+    return passage.rsplit(" is ", 1)[1].rstrip(".")
+
+
+def copy_passage(index: int):
+    """Answers the value of the passage at ``index`` of the prompt (``unknown`` with no passage)."""
+    def answer(model, tokenizer, prompts, device="cpu"):
+        return [f"A:{value_of(p[index])}" if (p := passages_of(q)) else f"A:{kb.ABSTAIN}" for q in prompts]
+    return answer
+
+
+def reader(model, tokenizer, prompts, device="cpu"):
+    """A perfect reader: follows the question's chain through the passages; ``conflict`` when they disagree,
+    ``unknown`` when a hop is missing. It writes evidence first and another question after its answer, which the
+    scoring must ignore."""
+    out = []
+    for prompt in prompts:
+        question = next(line for line in prompt.split("\n") if line.startswith(kb.QUESTION_PREFIX))[2:-1]
+        words = question.split(" of ")
+        entity, hops = words[-1], words[:-1][::-1]  # "home of boss of X" -> X, [boss, home]
+        values: set[str] = {entity}
+        for attribute in hops:
+            values = {value_of(p) for p in passages_of(prompt) for e in values
+                      if p.startswith(f"{attribute} of {e} is ")}
+        answer = kb.ABSTAIN if not values else kb.CONFLICT if len(values) > 1 else values.pop()
+        out.append(f"E:none\nA:{answer}\nQ:{question}\nA:wrong")
+    return out
+
+
+def always(text: str):
+    return lambda model, tokenizer, prompts, device="cpu": [text] * len(prompts)
+
+
+def scripted(answerer, tokenizer, **kwargs) -> tuple[Retrieval, EvalResult]:
+    ev = Retrieval(RetrievalConfig(**{**SCRIPTED, **kwargs}))
+    ev.answer = answerer
+    return ev, ev.run(None, tokenizer, progress=False)
+
+
+def cases_of(ev: Retrieval, tokenizer, part: str, x: float):
+    cases, _ = ev.contexts(tokenizer)
+    return [c for c in cases if c.part == part and c.x == float(x)]
+
+
+def mean(flags) -> float:
+    flags = list(flags)
+    return sum(map(bool, flags)) / len(flags)
+
+
+# --- pure pieces -----------------------------------------------------------------------------------------------------
+def test_pure_pieces():
+    assert first_fit([5, 5, 5], 10) == [0, 1] and first_fit([], 10) == [] and first_fit([3, 9, 2], 5) == [0, 2]
+    assert answer_of("E:none\nA: Teln \nQ:x?\nA:no") == "Teln" and answer_of("E:none") is None
+    assert limit_floor([0, 4]) == -1.0 and limit_floor([1]) == 0.0
+    # one oracle among n distractors: every slot 0..n is used, about equally often
+    counts = [0] * 5
+    for seed in range(2000):
+        passages, slots = arrange(["O"], list("abcd"), random.Random(seed))
+        assert [p for p in passages if p != "O"] == list("abcd") and passages[slots[0]] == "O"
+        counts[slots[0]] += 1
+    assert min(counts) > 300
+    passages, slots = arrange(["O1", "O2"], ["a"], random.Random(0))
+    assert sorted(passages) == ["O1", "O2", "a"] and [passages[s] for s in slots] == ["O1", "O2"]
+
+
+def test_registered_and_spec():
+    assert EVALS["retrieval"] is Retrieval and evals.Retrieval is Retrieval
+    assert Retrieval.limit == "retrieval" and Retrieval.summary
+    assert Retrieval().spec() == LimitSpec(metric="accuracy", axis="distractors", axis_values=(0.0, 2.0, 4.0, 8.0),
+                                           higher_is_better=True, threshold=0.5, limit="retrieval",
+                                           limit_unit="distractors")
+    assert RetrievalConfig().kb_seed == 1_000_003 != kb.KBConfig().kb_seed
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"distractors": []}, "distractors must not be empty"),
+        ({"distractors": [2, 1]}, r"distractors must be strictly ascending \(got \[2, 1\]\)"),
+        ({"distractors": [-1, 2]}, "distractors must be integers >= 0"),
+        ({"budgets": [0, 8]}, "budgets must be integers >= 1"),
+        ({"poison_counts": [1, 1]}, "poison_counts must be strictly ascending"),
+        ({"examples": 0}, "examples must be >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"negative_distractors": -1}, "negative_distractors must be >= 0"),
+        ({"threshold": 1.5}, r"threshold must be within \[0, 1\]"),
+        ({"two_hop_fraction": 2.0}, r"two_hop_fraction must be within \[0, 1\]"),
+        ({"distractor_mode": "nearest"}, "distractor_mode must be one of retrieved, same_attribute, random"),
+        ({"retriever": "tfidf"}, "retriever must be one of bm25, dense, hybrid"),
+        ({"zipf": -1.0}, r"^retrieval: zipf must be >= 0"),
+        ({"attributes": ["boss"]}, "attributes: 'boss' is the two-hop bridge"),
+        ({"num_entities": 5, "distractor_mode": "same_attribute"}, "leaves 4 other entities"),
+    ],
+)
+def test_invalid_config_is_a_one_line_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        RetrievalConfig(**kwargs)
+    assert "\n" not in str(info.value) and str(info.value).startswith("retrieval: ")
+
+
+# --- scripted answerers ----------------------------------------------------------------------------------------------
+def test_copy_first_answerer_reads_slot_zero(tokenizer):
+    """Accuracy 1 with the oracle alone; with n distractors, exactly the questions whose first passage carries the
+    gold value (the oracle drawn at slot 0, about 1 in n + 1, or a distractor with the same value)."""
+    ev, result = scripted(copy_passage(0), tokenizer, distractor_mode="same_attribute")
+    assert result.curve[0.0] == 1.0
+    for n in (2, 4, 8):
+        cases = cases_of(ev, tokenizer, "distractors", n)
+        expected = mean(value_of(c.passages[0]) == c.gold for c in cases)
+        assert result.curve[float(n)] == expected == result.scalars[f"accuracy@{n}"]
+        at_zero = mean(c.oracle_slots == [0] for c in cases)
+        assert at_zero <= expected and abs(at_zero - 1 / (n + 1)) < 0.15
+    assert result.curve[8.0] < 0.5
+    assert result.limit_value == read_limit(result.curve, 0.5, True, floor=-1.0)
+    # the position series: slot 0 always right, the others only by coincidence
+    position = result.series["accuracy_by_position"].points
+    assert list(position) == [0.0, 1.0, 2.0, 3.0, 4.0] and position[0.0] == 1.0
+    assert position[3.0] == mean(value_of(c.passages[0]) == c.gold for c in cases_of(ev, tokenizer, "position", 3))
+    # no oracle: it answers the first distractor, never abstains
+    assert result.scalars["negative_rejection"] == 0.0 and result.scalars["negative_hallucination"] == 1.0
+    # the same questions at every point
+    firsts = {x: [c.question for c in cases_of(ev, tokenizer, "distractors", x)] for x in (0, 8)}
+    assert firsts[0] == firsts[8] == list(range(48))
+
+
+def test_copy_last_answerer_is_the_attack_success_rate(tokenizer):
+    """ASR = the poison contexts whose LAST passage asserts the poisoned value, computed from the contexts."""
+    ev, result = scripted(copy_passage(-1), tokenizer)
+    asr = result.series["asr_by_poison"].points
+    assert list(asr) == [0.0, 1.0, 2.0, 4.0] and result.series["asr_by_poison"].higher_is_better is False
+    for p in (0, 1, 2, 4):
+        cases = cases_of(ev, tokenizer, "poison", p)
+        assert all(len(c.passages) == 1 + 2 + p and len(c.oracle_slots) == 1 for c in cases)
+        assert all(sum(value_of(x) == c.poisoned for x in c.passages) >= p for c in cases)
+        expected = mean(value_of(c.passages[-1]) == c.poisoned for c in cases)
+        assert asr[float(p)] == expected == result.scalars[f"asr@{p}"]
+        assert result.series["accuracy_by_poison"].points[float(p)] == mean(
+            value_of(c.passages[-1]) == c.gold for c in cases)
+    assert result.scalars["attack_success_rate"] == asr[1.0] > asr[0.0]
+    assert 0.1 < asr[1.0] < 0.45 and asr[4.0] > asr[1.0]  # 1 poison of 4 slots; 4 of 7
+
+
+def test_perfect_reader(tokenizer):
+    ev, result = scripted(reader, tokenizer, two_hop_fraction=0.5)
+    cases, recall = ev.contexts(tokenizer)
+    assert any(len(c.oracle_slots) == 2 for c in cases)  # two-hop questions are in
+    assert result.curve == {0.0: 1.0, 2.0: 1.0, 4.0: 1.0, 8.0: 1.0} and result.limit_value == 8.0
+    assert any("largest count measured, 8" in n for n in result.notes)
+    s = result.scalars
+    assert s["negative_rejection"] == 1.0 and s["negative_hallucination"] == 0.0
+    assert set(result.series["accuracy_by_position"].points.values()) == {1.0}
+    # poisoned contexts are flagged, never followed
+    assert result.series["asr_by_poison"].points == {0.0: 0.0, 1.0: 0.0, 2.0: 0.0, 4.0: 0.0}
+    assert result.series["conflict_flag_by_poison"].points == {0.0: 0.0, 1.0: 1.0, 2.0: 1.0, 4.0: 1.0}
+    assert result.series["accuracy_by_poison"].points == {0.0: 1.0, 1.0: 0.0, 2.0: 0.0, 4.0: 0.0}
+    assert any("answered 'conflict'" in n for n in result.notes)
+    # the budget curve: right exactly when the retriever's packed context holds the whole chain
+    budget = result.series["accuracy_by_budget"].points
+    assert budget == result.series["oracle_in_context_by_budget"].points and list(budget) == [32.0, 64.0, 128.0,
+                                                                                              256.0]
+    for b in (32, 256):
+        packed = cases_of(ev, tokenizer, "budget", b)
+        assert all(c.evidence_tokens <= b for c in packed)
+        assert budget[float(b)] == mean(c.has_oracle for c in packed)
+    assert all(len(c.passages) == 1 for c in cases_of(ev, tokenizer, "budget", 32))  # a passage line is > 16 chars
+    # BM25 finds a single-hop oracle first (the entity's name is rare) but never the second hop of "home of boss of
+    # X?" (the bridge entity is not in the question): the budget buys nothing for those
+    single = [c.has_oracle for c in cases_of(ev, tokenizer, "budget", 32) if " of boss of " not in c.prompt]
+    assert budget[32.0] == budget[256.0] == s["recall@1"] == s["recall@5"] < 1.0 and single and all(single)
+    assert any("bounded by retrieval" in n for n in result.notes)
+    assert 0.0 < s["recall@1"] <= s["recall@5"] <= 1.0
+    assert s["evidence_tokens@0"] < s["evidence_tokens@2"] < s["evidence_tokens@8"]
+
+
+def test_always_unknown_cannot_read(tokenizer):
+    ev, result = scripted(always(f"A:{kb.ABSTAIN}"), tokenizer, poison_counts=[], budgets=[])
+    assert set(result.curve.values()) == {0.0} and result.limit_value == -1.0
+    assert "the model cannot read the oracle" in result.notes[0]
+    assert result.scalars["negative_rejection"] == 1.0 and result.scalars["negative_hallucination"] == 0.0
+    assert "asr_by_poison" not in result.series and "accuracy_by_budget" not in result.series
+    assert "attack_success_rate" not in result.scalars
+    _, silent = scripted(always("E:none\n"), tokenizer, poison_counts=[], budgets=[])
+    assert silent.scalars["negative_hallucination"] == silent.scalars["negative_rejection"] == 0.0
+    assert any("no 'A:' answer line" in n for n in silent.notes)
+
+
+@pytest.mark.parametrize("mode", ["retrieved", "same_attribute", "random"])
+def test_distractors_never_hold_the_answer(tokenizer, mode):
+    ev = Retrieval(RetrievalConfig(**SCRIPTED, distractor_mode=mode, two_hop_fraction=0.25))
+    cases, _ = ev.contexts(tokenizer)
+    for c in cases:
+        if c.part == "negative":
+            assert not c.has_oracle and c.gold == kb.ABSTAIN and len(c.passages) == 4
+        elif c.part == "distractors":
+            assert c.has_oracle and len(c.passages) == c.x + len(c.oracle_slots)
+            assert len(set(c.passages)) == len(c.passages)
+    nested = [c.passages for c in cases if c.part == "distractors" and c.question == 0]
+    assert all(set(a) <= set(b) for a, b in zip(nested, nested[1:]))  # more distractors add to the fewer
+    if mode == "same_attribute":
+        q = [c for c in cases if c.part == "negative"]
+        assert all(p.split(" of ")[0] == c.prompt.split("Q:")[1].split(" of ")[0] for c in q for p in c.passages)
+
+
+# --- check and the real run ------------------------------------------------------------------------------------------
+def test_check(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    Retrieval(RetrievalConfig(**TINY)).check(model, tokenizer)
+    no_capitals = build_char_tokenizer("abcdefghijklmnopqrstuvwxyz0123456789 .:?\n")
+    with pytest.raises(ValueError, match=r"^retrieval: the tokenizer cannot spell the kb task \(missing: '[A-Z]") as e:
+        Retrieval(RetrievalConfig(**TINY)).check(model, no_capitals)
+    assert "\n" not in str(e.value)
+    short = tiny_llama(len(tokenizer), positions=128)
+    config = RetrievalConfig(**{**TINY, "distractors": [0, 8], "budgets": [32]})
+    with pytest.raises(ValueError, match=r"^retrieval: the longest prompt \(\d+ tokens, a distractors context of 9 "
+                                         r"passages\) plus max_new_tokens=8 needs \d+ positions but the model's "
+                                         r"position range is 128; lower distractors or max_new_tokens$"):
+        Retrieval(config).check(short, tokenizer)
+
+
+def test_run_on_a_tiny_llama(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    model.train()
+    ev = Retrieval(RetrievalConfig(**TINY))
+    ev.check(model, tokenizer)
+    result = ev.run(model, tokenizer, progress=False)
+    assert model.training  # restored
+    assert result.eval == "retrieval" and result.spec == ev.spec() and result.threshold == 0.5
+    assert list(result.curve) == [0.0, 2.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
+    assert result.limit_value == read_limit(result.curve, 0.5, True, floor=-1.0)
+    s = result.scalars
+    for key in ("accuracy@0", "accuracy@2", "recall@1", "recall@5", "asr@0", "asr@1", "attack_success_rate",
+                "negative_rejection", "negative_hallucination"):
+        assert 0.0 <= s[key] <= 1.0, key
+    assert s["num_questions"] == 4 and s["evidence_tokens@0"] < s["evidence_tokens@2"]
+    assert set(result.series) == {"accuracy_by_budget", "oracle_in_context_by_budget", "accuracy_by_position",
+                                  "asr_by_poison", "accuracy_by_poison", "conflict_flag_by_poison"}
+    assert list(result.series["accuracy_by_position"].points) == [0.0, 1.0, 2.0]
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
