@@ -15,13 +15,20 @@ from evals.tasks import chains  # noqa: E402
 from evals.tasks.chains import ChainsConfig  # noqa: E402
 from evals.tasks import kb  # noqa: E402
 from evals.tasks.kb import KBConfig  # noqa: E402
+from evals.tasks import digits  # noqa: E402
+from evals.tasks.digits import DigitsConfig  # noqa: E402
+from evals.tasks import shapes  # noqa: E402
+from evals.tasks.shapes import ShapesConfig  # noqa: E402
 
 TASKS = {
     "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),
     "ruler": (RulerConfig, ruler.generate),
     "chains": (ChainsConfig, chains.generate),
     "kb": (KBConfig, kb.generate),
+    "digits": (DigitsConfig, digits.generate),
+    "shapes": (ShapesConfig, shapes.generate),
 }
 """Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
 
-__all__ = ["TASKS", "ChainsConfig", "KBConfig", "RulerConfig", "SyntheticTextConfig", "TaskDataError"]
+__all__ = ["TASKS", "ChainsConfig", "DigitsConfig", "KBConfig", "RulerConfig", "ShapesConfig", "SyntheticTextConfig",
+           "TaskDataError"]
