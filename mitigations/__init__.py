@@ -2,6 +2,7 @@
 
 from mitigations.base import Mitigation, MitigationConfig, StepContext
 from mitigations.bounded_retrieval import BoundedRetrieval
+from mitigations.crossmodal import CrossModal
 from mitigations.noop import NoOp
 from mitigations.positional import Positional
 from mitigations.process_rewards import ProcessRewards
@@ -11,6 +12,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
     "positional": Positional,
     "process_rewards": ProcessRewards,
     "bounded_retrieval": BoundedRetrieval,
+    "crossmodal": CrossModal,
 }
 """``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
 

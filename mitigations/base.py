@@ -6,13 +6,18 @@ A backend (``trainers/``) builds each mitigation from its recipe entry and calls
    backend's SFT): the records the trainer sees, e.g. retrieval contexts with distractors (RAFT) rebuilt from each
    record's fields. Data-level, before tokenization; the default returns the records unchanged.
 1. ``setup(model, tokenizer)`` once, after the model is built and before the optimizer is made; it may change the
-   model in place (e.g. swap the attention function) and returns it.
+   model in place (e.g. swap the attention function) and returns it. Then ``loss_module()`` once: an ``nn.Module``
+   of learnable loss parameters (a contrastive temperature, a bias) that the backend trains with the model (its
+   parameters join the optimizer) and saves in checkpoints; ``None`` (the default) when there are none.
 2. per optimizer micro-step: ``transform_batch(batch, ctx)`` (in list order, each sees the previous one's output),
    the forward pass, then ``extra_loss(outputs, batch, ctx)`` whose non-``None`` results are added to the LM loss.
 3. ``reward_fns()`` when an RL backend builds its reward list (TRL's ``reward_funcs`` signature), and
    ``step_rewards(prompts, completions, **columns)`` after each generation when the mitigation asks for step-level
    advantages (DeepSeekMath's process supervision): ``None`` means "sequence-level advantages from the rewards".
 4. ``state_dict()`` into every checkpoint and ``load_state_dict()`` on resume, so a curriculum continues exactly.
+
+A mitigation whose ``extra_loss`` reads hidden states sets the class attribute ``needs_hidden_states = True``; the
+backend then runs the main forward with ``output_hidden_states=True`` whenever any enabled mitigation asks for it.
 
 This module imports torch only: never Lightning, TRL, ``trainers`` or ``evals`` (the dependency rule of
 docs/architecture.md). Domain pieces (a verifier, a retriever) are injected by ``trainers/`` through the
@@ -84,6 +89,9 @@ class Mitigation:
     """The limit this mitigation addresses (``context``, ``reasoning``, ``retrieval``, ``hallucination``,
     ``multimodal``); its paired evals declare the same name."""
     Config: ClassVar[type[MitigationConfig]] = MitigationConfig
+    needs_hidden_states: ClassVar[bool] = False
+    """Whether ``extra_loss`` reads ``outputs.hidden_states``: the backend passes ``output_hidden_states=True`` to the
+    main forward when any enabled mitigation sets it."""
 
     def __init__(self, config: MitigationConfig | None = None, **injected: Any) -> None:
         self.config = config if config is not None else self.Config()
@@ -119,6 +127,12 @@ class Mitigation:
         of the steps that end at or after it); ``None`` (the default) keeps sequence-level advantages."""
         return None
 
+    def loss_module(self) -> torch.nn.Module | None:
+        """Learnable loss parameters (e.g. a contrastive temperature), or ``None``. The backend calls it once after
+        ``setup``, adds the module's parameters to the optimizer and saves them in checkpoints with the model; the same
+        module must be returned on every call."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly after a resume (curriculum position, counters, RNG state)."""
         return {}
@@ -139,5 +153,6 @@ class Mitigation:
 
 def hooks_overridden(mitigation: Mitigation) -> list[str]:
     """Names of the hooks a mitigation implements (for logs and ``llm-limits ls``)."""
-    names = ["transform_records", "setup", "transform_batch", "extra_loss", "reward_fns", "step_rewards", "state_dict", "load_state_dict"]
+    names = ["transform_records", "setup", "transform_batch", "extra_loss", "reward_fns", "step_rewards",
+             "loss_module", "state_dict", "load_state_dict"]
     return [n for n in names if getattr(type(mitigation), n) is not getattr(Mitigation, n)]
