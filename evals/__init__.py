@@ -3,6 +3,7 @@
 from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
 from evals.context import Context
 from evals.hallucination import Hallucination
+from evals.multimodal import Multimodal
 from evals.positional_loss import PositionalLoss
 from evals.reasoning import ProcessReward, Reasoning
 from evals.retrieval import Retrieval
@@ -14,7 +15,8 @@ EVALS: dict[str, type[Eval]] = {
     "prm": ProcessReward,
     "retrieval": Retrieval,
     "hallucination": Hallucination,
+    "multimodal": Multimodal,
 }
 """``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
 
-__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Hallucination", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "Retrieval", "compare", "read_limit"]
+__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Hallucination", "Multimodal", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "Retrieval", "compare", "read_limit"]

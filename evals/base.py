@@ -36,6 +36,9 @@ class LimitSpec:
     """The limit family this eval measures (``context``, ``reasoning``, ...), shared with its mitigation."""
     limit_unit: str = ""
     """Unit of the limit value (``tokens``, ``steps``, ...)."""
+    limit_on_axis: bool = True
+    """Whether the limit is a value of the axis (an effective length, drawn as a line on the curve); ``False`` when it
+    is a number derived otherwise (the multimodal gain: sighted minus blind accuracy)."""
 
 
 def passes(value: float, threshold: float, higher_is_better: bool) -> bool:

@@ -187,7 +187,7 @@ def plot_eval(key: str, entry: dict[str, Any], path: Path) -> None:
         label = f"{phase} (limit {_num(res['limit_value'])})"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[phase], label=label)
         ax.axhline(res["threshold"], color=colours[phase], ls=":", lw=1)  # the pass mark
-        if res["limit_value"] > 0:
+        if res["limit_value"] > 0 and spec.get("limit_on_axis", True):
             ax.axvline(res["limit_value"], color=colours[phase], ls="--", lw=1)
     if spec:
         ax.set_xlabel(spec["axis"])
