@@ -262,10 +262,15 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader | None]:
     """Shuffled (seeded, resumable mid-epoch) training loader and an ordered validation loader."""
     train, val = build_datasets(spec, tokenizer, seed)
-    drop_last = len(train) >= spec.batch_size
-    sampler = ResumableRandomSampler(len(train), batch_size=spec.batch_size, drop_last=drop_last, seed=seed)
+    return loaders(train, val, spec.batch_size, seed)
+
+
+def loaders(train: Dataset, val: Dataset | None, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """The shuffled (seeded, resumable mid-epoch) training loader of ``train`` and an ordered one of ``val``."""
+    drop_last = len(train) >= batch_size
+    sampler = ResumableRandomSampler(len(train), batch_size=batch_size, drop_last=drop_last, seed=seed)
     # The loader draws its (unused, no workers) base seed from its own generator: the sampler owns the data order.
-    train_loader = DataLoader(train, batch_size=spec.batch_size, sampler=sampler, drop_last=drop_last,
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(val, batch_size=spec.batch_size, shuffle=False) if val is not None else None
+    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False) if val is not None else None
     return train_loader, val_loader

@@ -30,6 +30,9 @@ from trainers.recipe import TrainerSpec
 # (trainers/data.py ResumableRandomSampler), which Lightning cannot see, so its generic warning does not apply.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
+FORWARD_KEYS = (*MODEL_KEYS, "pixel_values")
+"""Batch keys passed to the model's forward (``pixel_values``: vision-language rows); the rest is hook metadata."""
+
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions", "ssmax")
 """Parameter-name parts exempt from weight decay (decay would pull SSMax's log-length scale s towards 0)."""
 
@@ -52,6 +55,12 @@ class CausalLMModule(L.LightningModule):
                     f"mitigations: {m.name} provides reward functions, which the Lightning backend cannot use "
                     "(set trainer.backend to an RL backend such as trl)"
                 )
+        # Learnable loss parameters of the mitigations (a contrastive temperature...): trained with the model and saved
+        # in every checkpoint (they are part of this module's state dict), never in the saved model.
+        self.loss_modules = torch.nn.ModuleDict(
+            {m.name: mod for m in self.mitigations if (mod := _loss_module(m)) is not None}
+        )
+        self.hidden_states = any(getattr(m, "needs_hidden_states", False) for m in self.mitigations)
         self.tokens_seen = 0
         self.train_sampler: Any = None
         """The train loader's :class:`~trainers.data.ResumableRandomSampler`, when it has one (set by the run)."""
@@ -87,7 +96,8 @@ class CausalLMModule(L.LightningModule):
                 batch = m.transform_batch(batch, ctx)
             except ValueError as e:  # the recipe's knobs do not fit its data (e.g. a warmup shorter than a needle row)
                 raise UserError(f"mitigations: {m.name} at step {ctx.step}: {e}") from None
-        outputs = self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
+        extra_kwargs = {"output_hidden_states": True} if self.hidden_states else {}
+        outputs = self.model(**{k: v for k, v in batch.items() if k in FORWARD_KEYS}, **extra_kwargs)
         loss = outputs.loss
         lm_loss = loss.detach()
         for m in self.mitigations:
@@ -116,13 +126,13 @@ class CausalLMModule(L.LightningModule):
         return (batch_idx + 1) % self.spec.grad_accum == 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        outputs = self.model(**{k: v for k, v in batch.items() if k in MODEL_KEYS})
+        outputs = self.model(**{k: v for k, v in batch.items() if k in FORWARD_KEYS})
         self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     # --- optimizer ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():  # the model's and the mitigations' loss parameters
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
@@ -139,6 +149,14 @@ class CausalLMModule(L.LightningModule):
             name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.spec.lr_schedule]
             scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.spec.warmup_steps, num_training_steps=self.spec.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.spec.stages:  # LLaVA-style stages: the parts this stage does not train get no update (trainers/vlm.py)
+            from trainers.vlm import drop_stage_grads, stage_at
+
+            done = (self.tokens_seen / self.spec.max_tokens) if self.spec.max_tokens else self.global_step / max(1, self.spec.max_steps)
+            stage = stage_at(self.spec.stages, done)
+            drop_stage_grads(self.model, stage)
 
     # --- checkpoints carry the mitigations' state ----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -168,6 +186,11 @@ class CausalLMModule(L.LightningModule):
         if sampler_state is not None and self.train_sampler is not None and hasattr(self.train_sampler, "resume"):
             self._epoch_batches = int(state.get("epoch_batches", 0))
             self.train_sampler.resume(sampler_state, self._epoch_batches * int(self.train_batch_size or 0))
+
+
+def _loss_module(m: Mitigation) -> torch.nn.Module | None:
+    hook = getattr(m, "loss_module", None)
+    return hook() if hook is not None else None
 
 
 def lr_factor(done: float, warmup: float, total: float, schedule: str) -> float:

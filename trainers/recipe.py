@@ -72,6 +72,8 @@ class ModelSpec(Strict):
     """Attention kernel (transformers' ``attn_implementation``); default: transformers' choice."""
     lora: LoraSpec | None = None
     """Train LoRA adapters (PEFT) instead of all weights."""
+    freeze: list[Literal["vision_tower", "projector", "language_model"]] = Field(default_factory=list)
+    """Vision-language models: parts frozen for the whole run (LLaVA freezes its vision_tower throughout)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -101,7 +103,7 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _known_task(self) -> "DataSpec":
-        if self.path is None and self.task not in TASKS:
+        if self.path is None and self.task not in TASKS and self.task != "image_folder":
             raise ValueError(f"unknown task {self.task!r}{_did_you_mean(self.task, TASKS)} (known: {', '.join(TASKS)})")
         return self
 
@@ -136,6 +138,13 @@ class TrlSpec(Strict):
     reward_model_target: Literal["process", "outcome"] = "process"
     """PRM: ``process`` puts each step's label at its step end (a PRM); ``outcome`` puts the final answer's
     correctness at every step end (an outcome reward model, the baseline of Lightman et al. 2023)."""
+
+
+class StageSpec(Strict):
+    until: float = Field(gt=0.0, le=1.0)
+    """This stage runs while the run's progress (step / max_steps) is below ``until``; the last stage's is 1.0."""
+    train: list[Literal["vision_tower", "projector", "language_model"]] = Field(min_length=1)
+    """The parts this stage trains; every other part gets no update during it."""
 
 
 class TrainerSpec(Strict):
@@ -185,6 +194,10 @@ class TrainerSpec(Strict):
     """Log training metrics every N optimizer steps."""
     val_every: int = Field(0, ge=0)
     """Validation loss every N optimizer steps (0: once, at the end)."""
+    stages: list[StageSpec] = Field(default_factory=list)
+    """Vision-language models, Lightning backend: train parts in stages within one run (LLaVA's two stages:
+    ``[{until: 0.3, train: [projector]}, {until: 1.0, train: [projector, language_model]}]``). Empty: every part not
+    in ``model.freeze`` trains throughout."""
 
     @model_validator(mode="after")
     def _checks(self) -> "TrainerSpec":
@@ -197,6 +210,13 @@ class TrainerSpec(Strict):
         if self.backend == "trl" and self.max_tokens is not None and self.trl.algorithm != "sft":
             raise ValueError(f"max_tokens: the trl backend's {self.trl.algorithm} counts optimizer steps; use max_steps "
                              "(max_tokens works with trl.algorithm: sft)")
+        if self.stages:
+            untils = [s.until for s in self.stages]
+            if untils != sorted(untils) or len(set(untils)) != len(untils) or untils[-1] != 1.0:
+                raise ValueError(f"stages: until must increase stage by stage and end at 1.0 (got {untils})")
+            if self.backend != "lightning" or self.strategy.startswith("deepspeed"):
+                raise ValueError("stages: run in one Lightning run without DeepSpeed (DeepSpeed owns the gradients); "
+                                 "with DeepSpeed make one recipe per stage, as recipes/multimodal/llava-7b-stage*.yaml do")
         if self.backend == "trl" and self.precision == "bf16-true":
             raise ValueError("precision: the trl backend takes bf16-mixed (set model.dtype: bfloat16 for bf16 weights)")
         return self

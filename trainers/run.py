@@ -21,7 +21,8 @@ from evals import EVALS
 from evals.base import Eval, EvalResult, compare
 from mitigations import MITIGATIONS
 from mitigations.base import Mitigation
-from trainers.data import build_loaders
+from trainers import vlm
+from trainers.data import build_loaders, loaders
 from trainers.errors import UserError
 from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero, last_good_checkpoint
 from trainers.models import apply_lora, build_model, count_parameters, save_model
@@ -77,24 +78,34 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
     m = r.model
     tok_path = m.tokenizer.path or (m.path if m.tokenizer.kind == "pretrained" else None)
     tokenizer = load_tokenizer(m.tokenizer.kind, tok_path, alphabet=m.tokenizer.alphabet, trust_remote_code=m.trust_remote_code)
-    model = build_model(
-        m.model_type if checkpoint is None else None,
-        m.config if checkpoint is None else {},
-        m.path if checkpoint is None else checkpoint,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code,
-        attn_implementation=m.attn_implementation,
-        field_prefix="model" if checkpoint is None else "--checkpoint",
-        head="token_classification" if trl and r.trainer.trl.algorithm == "prm" else "causal_lm",
-    )
+    vision = vlm.is_vlm_recipe(m) if checkpoint is None else vlm.is_vlm_recipe(m.model_copy(update={"model_type": None, "path": checkpoint}))
+    _check_vision_fit(r, vision)
+    if vision:
+        vlm.add_image_token(tokenizer)
+        model = vlm.build_vlm(m, tokenizer, checkpoint=checkpoint)
+        vlm.freeze(model, m.freeze)
+    else:
+        model = build_model(
+            m.model_type if checkpoint is None else None,
+            m.config if checkpoint is None else {},
+            m.path if checkpoint is None else checkpoint,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            dtype=m.dtype,
+            trust_remote_code=m.trust_remote_code,
+            attn_implementation=m.attn_implementation,
+            field_prefix="model" if checkpoint is None else "--checkpoint",
+            head="token_classification" if trl and r.trainer.trl.algorithm == "prm" else "causal_lm",
+        )
     if m.lora is not None and checkpoint is None:
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     data: tuple[Any, Any] = (None, None)
-    records = trl_backend.load_prompt_records(r.data, r.seed, tokenizer) if with_data and trl else None
+    if vision:
+        records = vlm.load_image_records(r.data, r.seed) if with_data else None
+    else:
+        records = trl_backend.load_prompt_records(r.data, r.seed, tokenizer) if with_data and trl else None
     task = records[0].get("task") if records else None
     mitigations = [
         MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task, records=records,
@@ -102,9 +113,13 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         for i, (name, config) in enumerate(resolved.mitigations)
     ]
     for i, mit in enumerate(mitigations):
+        if mit.enabled and mit.limit == "multimodal" and not vision:
+            raise UserError(f"mitigations[{i}]: {mit.name} aligns images with text: it needs a vision-language model "
+                            "(model.model_type: llava) and an image task (data.task: digits, shapes or image_folder)")
+    for i, mit in enumerate(mitigations):
         if not mit.enabled or type(mit).transform_records is Mitigation.transform_records:
             continue
-        if not trl:
+        if not trl and not vision:
             raise UserError(f"mitigations[{i}]: {mit.name} builds prompt/completion training data: it needs "
                             "trainer.backend: trl")
         if records is not None:
@@ -115,6 +130,8 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
     if with_data and trl:
         labels_cfg = next((c.labels for n, c in resolved.mitigations if n == "process_rewards" and c.enabled), None)
         *data, task = trl_backend.build_datasets(r, tokenizer, model, labels_cfg, records=records)
+    elif with_data and vision:
+        data = loaders(*vlm.build_vlm_datasets(r.data, records, tokenizer, model), r.data.batch_size, r.seed)
     elif with_data:
         data = build_loaders(r.data, tokenizer, r.seed)
     if trl and r.trainer.trl.algorithm == "grpo" and not any(m.enabled and m.reward_fns() for m in mitigations):
@@ -132,6 +149,27 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
     return Built(resolved, tokenizer, model, mitigations, evals), *data
+
+
+def _check_vision_fit(r: Any, vision: bool) -> None:
+    """A vision-language model needs an image task and vice versa; freeze controls and stages need one."""
+    image_task = r.data.task in vlm.IMAGE_TASKS
+    if vision and not image_task and r.data.path is None:
+        raise UserError(f"data.task: {r.data.task!r} has no images; a vision-language model trains on one of "
+                        f"{', '.join(vlm.IMAGE_TASKS)}")
+    if not vision and image_task:
+        raise UserError(f"data.task: {r.data.task!r} is an image task; it needs a vision-language model "
+                        "(model.model_type: llava, or a model.path to a LLaVA-style checkpoint)")
+    if not vision and r.model.freeze:
+        raise UserError("model.freeze: only vision-language models have parts to freeze (model.model_type: llava)")
+    if not vision and r.trainer.stages:
+        raise UserError("trainer.stages: only vision-language models train in stages (model.model_type: llava)")
+    if vision and r.trainer.backend != "lightning":
+        raise UserError("trainer.backend: vision-language models train with the lightning backend")
+    for i, stage in enumerate(r.trainer.stages):
+        both = sorted(set(stage.train) & set(r.model.freeze))
+        if both:
+            raise UserError(f"trainer.stages[{i}].train: {both[0]} is frozen for the whole run by model.freeze")
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:
