@@ -226,3 +226,54 @@ def test_stages_must_end_at_one_and_refuse_deepspeed():
     with pytest.raises(UserError, match="one recipe per stage"):
         validate_recipe({**base, "trainer": {"strategy": "deepspeed_stage_2", "stages": [{"until": 1.0, "train": ["projector"]}]}},
                         "t", check_hardware=False)
+
+
+def test_resume_of_a_vision_run_with_a_learnable_temperature_is_exact(tmp_path):
+    """A 6-step InfoNCE run stopped after step 3 and resumed ends with the uninterrupted run's weights, the
+    contrastive temperature (a loss-module parameter in the checkpoint) included."""
+    import shutil
+
+    from tests.test_crash_resume import same
+
+    r = shrunk("infonce", tmp_path)
+    r["evals"] = []
+    r["trainer"].update(max_steps=6, checkpoint_every=1, keep_last=100)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    reference = train(str(recipe), progress=False, echo=lambda _: None)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(reference, crashed, symlinks=True)
+    shutil.rmtree(crashed / "model")
+    ckpts = crashed / "checkpoints"
+    for p in list(ckpts.iterdir()):
+        if p.name.startswith(("step-000004", "step-000005", "step-000006", "last")):
+            p.unlink()
+    resumed = train("unused", resume=str(crashed), progress=False, echo=lambda _: None)
+    assert same(reference, resumed)
+    scale = [torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+             ["loss_modules.crossmodal.logit_scale"] for d in (reference, resumed)]
+    assert torch.equal(scale[0], scale[1])
+
+
+def test_a_siglip_tower_from_a_recipe_and_a_user_checkpoint_from_model_path(tmp_path):
+    """``vision_config.model_type: siglip_vision_model`` builds a SigLIP tower (no CLS: every patch is an image
+    token); a saved LLaVA-style directory then trains from ``model.path`` with its own tokenizer."""
+    r = shrunk("baseline", tmp_path)
+    r["model"]["config"]["vision_config"]["model_type"] = "siglip_vision_model"
+    r["evals"] = []
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(r))
+    first = train(str(recipe), progress=False, echo=lambda _: None)
+    config = json.loads((first / "model" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "siglip_vision_model"
+    assert config["vision_feature_select_strategy"] == "full"
+
+    r2 = shrunk("siglip", tmp_path)
+    r2["model"] = {"path": str(first / "model"), "tokenizer": {"kind": "pretrained"}, "freeze": ["vision_tower"]}
+    r2["name"] = "from-user-checkpoint"
+    recipe2 = tmp_path / "r2.yaml"
+    recipe2.write_text(yaml.safe_dump(r2))
+    second = train(str(recipe2), progress=False, echo=lambda _: None)
+    results = json.loads((second / "results.json").read_text())
+    assert results["model"]["trainable_params"] < results["model"]["total_params"]  # the tower stayed frozen
+    assert results["evals"]["multimodal"]["after"]["scalars"]["num_examples"] > 0
