@@ -59,3 +59,34 @@ def test_user_jsonl_of_needle_records_or_text(tmp_path):
     bad.write_text('{"context": "abc", "query": "?"}\n')
     with pytest.raises(UserError, match=r"^data\.path: .*bad\.jsonl:1: missing field"):
         build_datasets(DataSpec(path=str(bad), seq_len=32), TOK, 0)
+
+
+def test_data_root_admits_files_inside_and_refuses_links_and_evals_outside(tmp_path):
+    """``data.root``: a data file inside trains; a symlink inside that points outside, and an eval path outside, are
+    refused with one line naming the field."""
+    import copy
+
+    from tests.conftest import TINY
+    from trainers.recipe import validate_recipe
+    from trainers.run import build
+
+    root = tmp_path / "data"
+    root.mkdir()
+    line = json.dumps({"text": "a line of text long enough to make a block or two of characters. " * 3})
+    (root / "in.jsonl").write_text(line + "\n")
+    (tmp_path / "out.jsonl").write_text(line + "\n")
+    (root / "link.jsonl").symlink_to(tmp_path / "out.jsonl")
+
+    def recipe(path, evals=()):
+        r = copy.deepcopy(TINY)
+        r["data"] = {"root": str(root), "path": str(path), "seq_len": 32, "batch_size": 2, "val_fraction": 0.0}
+        r["evals"] = list(evals)
+        return validate_recipe(r, "r.yaml")
+
+    build(recipe(root / "in.jsonl"))  # inside: builds
+    with pytest.raises(UserError, match=r"data.path: .*link.jsonl is outside data.root"):
+        build(recipe(root / "link.jsonl"))
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text("")
+    with pytest.raises(UserError, match=r"evals\[0\].path: .* is outside data.root"):
+        build(recipe(root / "in.jsonl", [{"name": "multimodal", "task": "image_folder", "path": str(kb)}]))

@@ -7,6 +7,7 @@ fails at once with a :class:`~trainers.errors.UserError` instead of retrying a n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -152,14 +153,44 @@ def _from_config(
     if "num_labels" in load_kwargs:  # a config field, not a from_config argument
         config["num_labels"] = load_kwargs.pop("num_labels")
     try:
-        model_config = AutoConfig.for_model(model_type, **config)
-        return auto_cls.from_config(model_config, **load_kwargs)
+        with _held_transformers_logs():
+            model_config = AutoConfig.for_model(model_type, **config)
+            return auto_cls.from_config(model_config, **load_kwargs)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- transformers rejects bad configs with many types; name them all
         if not _is_config_rejection(err):
             raise
         raise UserError(_config_error_message(err, field_prefix)) from err
+
+
+@contextlib.contextmanager
+def _held_transformers_logs() -> Any:
+    """Hold the log records ``transformers`` emits while a config is built: replayed if the model builds, dropped if it
+    is rejected, so a bad value is answered by the one-line error alone (``rope_scaling: {type: bogus}`` made
+    transformers log "Missing validation function ... 'rope_type'='bogus'" before the error)."""
+    root = transformers.utils.logging.get_logger()  # the "transformers" logger, where its handler lives
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    hold, saved = _Hold(), list(root.handlers)
+    for h in saved:
+        root.removeHandler(h)
+    root.addHandler(hold)
+    built = False
+    try:
+        yield
+        built = True
+    finally:
+        root.removeHandler(hold)
+        for h in saved:
+            root.addHandler(h)
+        if built:
+            for record in held:
+                root.handle(record)
 
 
 def _from_pretrained(

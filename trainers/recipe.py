@@ -100,6 +100,10 @@ class DataSpec(Strict):
     """Fraction of blocks (or examples) held out for the validation loss."""
     loss_on: Literal["all", "answer"] = "all"
     """For question/answer tasks (``ruler``): train on every token, or on the answer tokens only."""
+    root: str | None = None
+    """A folder the recipe's data files must stay inside: ``data.path``, an image folder's ``data.params.root`` and
+    every eval's ``path`` are refused if they resolve (symlinks followed) outside it. Unset: no restriction (an image
+    folder's images still must stay inside its own root)."""
 
     @model_validator(mode="after")
     def _known_task(self) -> "DataSpec":

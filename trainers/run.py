@@ -74,6 +74,7 @@ def build(
 def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool, index_dir: Path | None) -> tuple[Built, Any, Any]:
     r = resolved.recipe
     L.seed_everything(r.seed, workers=True, verbose=False)
+    _check_data_root(resolved)
     trl = r.trainer.backend == "trl"
     m = r.model
     tok_path = m.tokenizer.path or (m.path if m.tokenizer.kind == "pretrained" else None)
@@ -149,6 +150,26 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
     return Built(resolved, tokenizer, model, mitigations, evals), *data
+
+
+def _check_data_root(resolved: ResolvedRecipe) -> None:
+    """``data.root`` set: every data file the recipe names (``data.path``, ``data.params.root``, each eval's ``path``)
+    must resolve inside it (symlinks followed), so a recipe from another hand cannot read outside the declared folder."""
+    r = resolved.recipe
+    if r.data.root is None:
+        return
+    root = Path(r.data.root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"data.root: {r.data.root} is not a directory")
+    named = [("data.path", r.data.path), ("data.params.root", r.data.params.get("root"))]
+    named += [(f"evals[{i}].path", getattr(config, "path", None)) for i, (_, config, _) in enumerate(resolved.evals)]
+    for field, value in named:
+        if value is None:
+            continue
+        target = Path(str(value)).expanduser()
+        target = (target if target.is_absolute() else Path.cwd() / target).resolve()
+        if not target.is_relative_to(root):
+            raise UserError(f"{field}: {value} is outside data.root {root}")
 
 
 def _check_vision_fit(r: Any, vision: bool) -> None:
