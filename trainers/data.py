@@ -212,7 +212,9 @@ class ResumableRandomSampler(Sampler[int]):
     generator's state when the current epoch began; ``resume(state, skip)`` makes the next epoch restart from it and
     skip the first ``skip`` indices (if they cover the whole epoch, that epoch is replayed silently and the following
     one served whole). A run resumed from a mid-epoch checkpoint so sees exactly the batches the uninterrupted run saw.
-    Single process: under DDP Lightning swaps in its DistributedSampler.
+    Under DDP every rank draws the same permutation and serves its share of it (DistributedSampler's split), so the
+    position a checkpoint stores is exact there too; the Lightning trainer keeps this sampler
+    (``use_distributed_sampler=False``).
 
     >>> s = ResumableRandomSampler(10, batch_size=3, drop_last=True, seed=5)
     >>> first = list(s); state = s.epoch_state; second = list(s)
@@ -224,20 +226,50 @@ class ResumableRandomSampler(Sampler[int]):
 
     def __init__(self, n: int, *, batch_size: int, drop_last: bool, seed: int) -> None:
         self.n = n
+        self.batch_size = batch_size
+        self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(seed)
-        self.per_epoch = (n // batch_size) * batch_size if drop_last else n
         self.epoch_state: torch.Tensor = self.generator.get_state()
         self._resume: tuple[torch.Tensor, int] | None = None
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        """(rank, world size) of the process group when one is running (DDP), else (0, 1). Read when the epoch starts:
+        a launcher that starts the ranks after the loader was built (Lightning's) has made the group by then."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _share_size(self) -> int:
+        rank, world = self._world()
+        if world == 1:
+            return self.n
+        return self.n // world if self.drop_last else -(-self.n // world)
+
+    @property
+    def per_epoch(self) -> int:
+        """Indices this rank serves per epoch in whole batches (what a checkpoint compares its position with)."""
+        k = self._share_size()
+        return (k // self.batch_size) * self.batch_size if self.drop_last else k
+
     def __len__(self) -> int:
-        return self.n
+        return self._share_size()
 
     def resume(self, state: torch.Tensor, skip: int) -> None:
         self._resume = (state, int(skip))
 
     def _draw(self) -> list[int]:
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader's base seed, as before
-        return torch.randperm(self.n, generator=self.generator).tolist()
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        rank, world = self._world()
+        if world == 1:
+            return perm
+        # DistributedSampler's split of one permutation every rank draws alike (same seed): drop the tail that does
+        # not divide (drop_last) or pad with the first indices, then rank r takes every world-th index from r.
+        k = self._share_size() * world
+        perm = perm[:k] if self.drop_last else (perm + perm[: k - self.n])
+        return perm[rank:k:world]
 
     def _tail(self) -> None:
         torch.randperm(self.n, generator=self.generator)  # RandomSampler's trailing (empty) slice, drawn when exhausted

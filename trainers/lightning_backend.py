@@ -302,7 +302,10 @@ def build_trainer(spec: TrainerSpec, run_dir: Path, logger: Any, *, has_val: boo
         enable_model_summary=False,
         default_root_dir=str(run_dir),
         deterministic=False,
-        use_distributed_sampler=True,
+        # The train loader's ResumableRandomSampler splits each epoch across DDP ranks itself and can restart
+        # mid-epoch; Lightning's DistributedSampler could not (a resume would replay the epoch from its start).
+        # Validation is then not split: every rank reads the whole (small) validation set, synced as before.
+        use_distributed_sampler=False,
         **val_kwargs,
     )
 
