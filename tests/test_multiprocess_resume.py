@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from trainers.launch import free_port
 from tests.test_cli import run_cli
 from tests.test_crash_resume import lightning_recipe, same
 from tests.test_trl_backend import trl_recipe, write
@@ -69,12 +70,13 @@ def test_trl_zero2_two_processes_resume_exactly(tmp_path):
     path = write(tmp_path, r)
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29541",
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "trainers.cli", "train"]
 
     def launch(*args: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([*torchrun, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        errors = [s for s in proc.stderr.splitlines() if "Error" in s or "error:" in s]
+        assert proc.returncode == 0, "\n".join(errors[:20]) + "\n" + proc.stderr[-2000:]
         return proc
 
     launch(str(path))

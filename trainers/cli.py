@@ -10,6 +10,7 @@ import errno
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Optional
 
@@ -95,6 +96,10 @@ def train(
     if recipe is not None and "=" in recipe:
         _fail(UserError(f"train: the first argument must be a recipe file (got the override {recipe!r})"))
     try:
+        cmd = run.launch_command(recipe, args, resume, cli_args=_train_argv(recipe, args, resume, no_progress, run_dir))
+        if cmd is not None:  # more than one device with the trl backend: re-run this command under torchrun
+            console.print(f"launching: {' '.join(cmd[1:])}")
+            raise typer.Exit(subprocess.run(cmd).returncode)
         out = run.train(recipe or "", args, resume=resume, progress=not no_progress, echo=console.print, run_dir=run_dir)
     except UserError as e:
         _fail(e)
@@ -104,6 +109,18 @@ def train(
 
     if is_rank_zero():
         _print_summary(out)
+
+
+def _train_argv(recipe: str | None, args: list[str], resume: str | None, no_progress: bool, run_dir: str | None) -> list[str]:
+    """This ``train`` command's arguments, for the processes a launcher starts."""
+    argv = ["train"] + ([recipe] if recipe is not None else []) + list(args)
+    if resume is not None:
+        argv += ["--resume", resume]
+    if no_progress:
+        argv.append("--no-progress")
+    if run_dir is not None:
+        argv += ["--run-dir", run_dir]
+    return argv
 
 
 @app.command("eval")

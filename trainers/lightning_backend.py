@@ -111,14 +111,20 @@ class CausalLMModule(L.LightningModule):
         if self.spec.max_tokens and self.tokens_seen >= self.spec.max_tokens:
             self.trainer.should_stop = True  # the token budget is spent: this is the last optimizer step
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/lm_loss", lm_loss, batch_size=bs)
+        # Under DDP the logged losses are the mean over the ranks (each rank's micro-batch is part of one global
+        # batch): the numbers a single process on the same global batch logs.
+        synced = ctx.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=synced)
+        self.log("train/lm_loss", lm_loss, batch_size=bs, sync_dist=synced)
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         for name, value in self._pending.items():
             self.log(name, value, batch_size=bs)
         if self.trainer.is_last_batch or (self.global_step % self.spec.log_every == 0 and self._is_accum_boundary(batch_idx)):
-            self.history.append({"step": float(self.global_step), "loss": float(loss.detach()), **self._pending})
+            value = loss.detach()
+            if synced:  # every rank reaches this line at the same steps
+                value = self.trainer.strategy.reduce(value, reduce_op="mean")
+            self.history.append({"step": float(self.global_step), "loss": float(value), **self._pending})
         self._pending = {}
         return loss
 
@@ -316,6 +322,11 @@ def _strategy(spec: TrainerSpec) -> Any:
 
         # gloo on CPU, NCCL on GPU; find_unused_parameters stays off (it costs a graph traversal per step).
         return DDPStrategy(process_group_backend="gloo" if spec.accelerator == "cpu" else "nccl")
+    if spec.strategy.startswith("deepspeed") and spec.offload != "none":
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=int(spec.strategy.rsplit("_", 1)[1]), offload_optimizer=True,
+                                 offload_parameters=spec.offload == "optimizer_and_params")
     return spec.strategy  # "auto" or "deepspeed_stage_N" (CUDA only; rejected on CPU by the recipe check)
 
 

@@ -190,6 +190,9 @@ class TrainerSpec(Strict):
     strategy: Strategy = "auto"
     """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (CUDA only with the lightning backend; on CPU too
     with trl, under torchrun)."""
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    """DeepSpeed ZeRO-Offload: keep the optimizer state (``optimizer``, ZeRO 1-3) and the parameters
+    (``optimizer_and_params``, ZeRO-3 only) in CPU memory. Needs a ``deepspeed_stage_N`` strategy."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = Field(2, ge=1)
@@ -214,6 +217,12 @@ class TrainerSpec(Strict):
         if self.backend == "trl" and self.max_tokens is not None and self.trl.algorithm != "sft":
             raise ValueError(f"max_tokens: the trl backend's {self.trl.algorithm} counts optimizer steps; use max_steps "
                              "(max_tokens works with trl.algorithm: sft)")
+        if self.offload != "none" and not self.strategy.startswith("deepspeed"):
+            raise ValueError(f"offload: {self.offload} needs a DeepSpeed strategy (deepspeed_stage_1/2/3), not "
+                             f"{self.strategy}")
+        if self.offload == "optimizer_and_params" and self.strategy != "deepspeed_stage_3":
+            raise ValueError(f"offload: optimizer_and_params offloads parameters, which only ZeRO-3 partitions "
+                             f"(strategy: deepspeed_stage_3, not {self.strategy}); use offload: optimizer")
         if self.stages:
             untils = [s.until for s in self.stages]
             if untils != sorted(untils) or len(set(untils)) != len(untils) or untils[-1] != 1.0:
@@ -437,13 +446,24 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
         )
     if t.accelerator == "gpu" and not cuda:
         raise UserError(f"{source}: trainer.accelerator: gpu asked for but no CUDA device is visible (use cpu)")
-    if t.backend == "trl" and t.devices * t.num_nodes > 1 and "WORLD_SIZE" not in os.environ:
-        raise UserError(
-            f"{source}: trainer.devices: the trl backend runs {t.devices * t.num_nodes} processes only under a launcher: "
-            f"torchrun --nproc_per_node {t.devices} -m trainers.cli train {source}"
-        )
+    if not on_cpu:
+        gpus = _cuda_device_count()
+        if t.devices > gpus:
+            raise UserError(f"{source}: trainer.devices: {t.devices} GPUs asked for but this node has {gpus}")
+    elif t.devices > (os.cpu_count() or 1):
+        raise UserError(f"{source}: trainer.devices: {t.devices} processes asked for but this machine has "
+                        f"{os.cpu_count()} CPU cores (use at most that many)")
+    from trainers.launch import check_rendezvous
+
+    check_rendezvous(t, source)
     if t.precision == "16-mixed" and on_cpu:
         raise UserError(f"{source}: trainer.precision: 16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 @functools.cache

@@ -267,6 +267,21 @@ def run_evals(
     return out
 
 
+def launch_command(recipe_path: str | None, overrides: list[str], resume: str | None, *, cli_args: list[str]) -> list[str] | None:
+    """The launcher command that re-runs this ``train`` in ``trainer.devices x trainer.num_nodes`` processes, or
+    ``None`` to train in this process (:mod:`trainers.launch`). Validates the recipe (schema and this machine's
+    devices) first, so a bad recipe or too many devices fail here, before any process starts."""
+    from trainers import launch
+
+    if launch.under_launcher():
+        return None
+    source = Path(resume) / RECIPE_FILE if resume is not None else recipe_path
+    if resume is not None and not Path(source).is_file():
+        return None  # train() names the problem
+    resolved = load_recipe(source, overrides)
+    return launch.command(resolved.recipe.trainer, cli_args)
+
+
 def train(
     recipe_path: str, overrides: list[str] | None = None, *, resume: str | None = None, progress: bool = True,
     echo: Callable[[str], None] = print, run_dir: str | None = None,
@@ -427,6 +442,12 @@ def apply_setup(mitigations: list[Mitigation], model: torch.nn.Module, tokenizer
 
 
 def _reload(path: Path, built: Built, r: Any) -> torch.nn.Module:
+    """Rank 0, after a ZeRO-3 run: the whole weights the ranks saved, as a plain model. The training's DeepSpeed
+    config is unset first: while it is set, ``from_pretrained`` builds under ``zero.Init`` and broadcasts every
+    parameter to ranks that have already left (the run hung up on a closed gloo connection)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     return build_model(
         path=str(path), vocab_size=len(built.tokenizer), pad_token_id=built.tokenizer.pad_token_id,
         head="token_classification" if r.trainer.trl.algorithm == "prm" else "causal_lm", field_prefix="model",

@@ -404,7 +404,7 @@ def prm_collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, torc
 
 
 # --- arguments, DeepSpeed, callbacks ---------------------------------------------------------------------------------
-def deepspeed_config(strategy: str) -> dict[str, Any] | None:
+def deepspeed_config(strategy: str, offload: str = "none") -> dict[str, Any] | None:
     """The ZeRO config for ``deepspeed_stage_N`` (``"auto"`` values are filled in by the HF integration from the
     training arguments, so batch size, accumulation, clipping and precision have one source: the recipe).
 
@@ -412,6 +412,8 @@ def deepspeed_config(strategy: str) -> dict[str, Any] | None:
     2
     >>> deepspeed_config("ddp") is None
     True
+    >>> deepspeed_config("deepspeed_stage_3", "optimizer_and_params")["zero_optimization"]["offload_param"]
+    {'device': 'cpu', 'pin_memory': True}
     """
     if not strategy.startswith("deepspeed_stage_"):
         return None
@@ -419,6 +421,10 @@ def deepspeed_config(strategy: str) -> dict[str, Any] | None:
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # model/ holds whole weights that load in one process
+    if offload in ("optimizer", "optimizer_and_params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "optimizer_and_params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": "auto",
@@ -458,7 +464,7 @@ def training_kwargs(spec: TrainerSpec, data: DataSpec, run_dir: Path, seed: int,
         use_cpu=spec.accelerator == "cpu",
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",  # the Lightning backend counts non-padding tokens too
-        deepspeed=deepspeed_config(spec.strategy),
+        deepspeed=deepspeed_config(spec.strategy, spec.offload),
     )
     if has_val:
         kw.update(eval_strategy="steps", eval_steps=spec.val_every or spec.max_steps)

@@ -1,0 +1,111 @@
+"""Scale on CPU, as subprocesses: ``llm-limits train`` launches torchrun itself for a multi-device TRL recipe (ZeRO-1
+and ZeRO-3, 2 processes) and ZeRO-3's saved model loads back in one process; Lightning DDP on 2 processes ends with the
+weights of one process on the same global batch; and the launch checks that fail before any process starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainers.errors import UserError
+from trainers.recipe import validate_recipe
+
+from tests.conftest import TINY
+from tests.test_cli import run_cli
+from tests.test_crash_resume import lightning_recipe, weights
+from tests.test_trl_backend import trl_recipe, write
+
+
+def _only_run(runs: Path) -> Path:
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and not p.is_symlink()]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_trl_recipe_with_two_devices_launches_torchrun_itself(tmp_path, stage):
+    r = trl_recipe(tmp_path, "sft")
+    r["trainer"].update(strategy=f"deepspeed_stage_{stage}", devices=2, max_steps=3)
+    r["evals"] = []
+    out = run_cli("train", str(write(tmp_path, r)), "--no-progress", timeout=900)
+    errors = [s for s in out.stderr.splitlines() if "Error" in s or "error:" in s]
+    assert out.returncode == 0, "\n".join(errors[:20]) + "\n" + out.stderr[-2000:]
+    assert "launching: -m torch.distributed.run --nproc_per_node 2" in out.stdout
+    run_dir = _only_run(tmp_path / "runs" / r["name"])  # both ranks wrote into one run directory
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["train"]["world_size"] == 2 and res["train"]["zero_stage"] == stage and res["train"]["steps"] == 3
+    from trainers.models import build_model
+    from trainers.tokenizers import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = build_model(path=str(run_dir / "model"), vocab_size=len(tok))  # whole weights, one process
+    assert all(p.numel() > 0 for p in model.parameters())  # ZeRO-3 shards would be empty tensors
+
+
+@pytest.mark.slow
+def test_lightning_ddp_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """2 ranks x 4 rows serve exactly the rows of one process's batch of 8 (the sampler splits each batch's indices
+    across the ranks), DDP averages the two equal-size halves: the same updates up to float summation order."""
+    one = lightning_recipe(tmp_path / "one")
+    one["trainer"].update(max_steps=6, checkpoint_every=6)
+    one["data"]["batch_size"] = 8
+    two = json.loads(json.dumps(one))
+    two["trainer"].update(strategy="ddp", devices=2)
+    two["data"]["batch_size"] = 4
+    two["output_dir"] = str(tmp_path / "two" / "runs")
+    for r, where in ((one, tmp_path / "one"), (two, tmp_path / "two")):
+        where.mkdir(parents=True, exist_ok=True)
+        out = run_cli("train", str(write(where, r)), "--no-progress", timeout=600)
+        assert out.returncode == 0, out.stderr[-4000:]
+    a = weights(_only_run(tmp_path / "one" / "runs" / one["name"]))
+    b = weights(_only_run(tmp_path / "two" / "runs" / two["name"]))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    res = [json.loads((_only_run(d / "runs" / one["name"]) / "results.json").read_text())["train"]
+           for d in (tmp_path / "one", tmp_path / "two")]
+    assert res[0]["tokens_seen"] == res[1]["tokens_seen"] == 6 * 8 * 32
+    assert res[0]["final_loss"] == pytest.approx(res[1]["final_loss"], rel=1e-4)  # the logged loss is the ranks' mean
+
+
+def _recipe(**trainer) -> dict:
+    r = json.loads(json.dumps(TINY))
+    r["trainer"].update(trainer)
+    return r
+
+
+def test_launch_checks_fail_before_any_process_starts(monkeypatch):
+    for var in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cores = os.cpu_count() or 1
+    with pytest.raises(UserError, match=rf"trainer.devices: {cores + 1} processes asked for but this machine has {cores} CPU cores"):
+        validate_recipe(_recipe(devices=cores + 1, strategy="ddp"), "r.yaml")
+    with pytest.raises(UserError, match=r"trainer.num_nodes: 2 nodes need a rendezvous address, but MASTER_ADDR, MASTER_PORT, NODE_RANK is not set"):
+        validate_recipe(_recipe(num_nodes=2, strategy="ddp"), "r.yaml")
+    with pytest.raises(UserError, match=r"offload: optimizer needs a DeepSpeed strategy"):
+        validate_recipe(_recipe(offload="optimizer", strategy="ddp"), "r.yaml")
+    with pytest.raises(UserError, match=r"offload: optimizer_and_params offloads parameters, which only ZeRO-3"):
+        validate_recipe(_recipe(backend="trl", offload="optimizer_and_params", strategy="deepspeed_stage_2"), "r.yaml")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("NODE_RANK", "1")
+    resolved = validate_recipe(_recipe(backend="trl", num_nodes=2, devices=2, strategy="deepspeed_stage_2"), "r.yaml")
+    from trainers.launch import command
+
+    cmd = command(resolved.recipe.trainer, ["train", "r.yaml"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "2", "--node_rank", "1",
+                       "--master_addr", "10.0.0.1", "--master_port", "29500", "-m", "trainers.cli", "train", "r.yaml"]
+    monkeypatch.setenv("WORLD_SIZE", "4")  # already under a launcher: nothing is re-launched
+    assert command(resolved.recipe.trainer, ["train", "r.yaml"]) is None
+
+
+def test_offload_goes_into_the_deepspeed_config():
+    from trainers.trl_backend import deepspeed_config
+
+    zero = deepspeed_config("deepspeed_stage_2", "optimizer")["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and "offload_param" not in zero
+    assert "offload_optimizer" not in deepspeed_config("deepspeed_stage_2")["zero_optimization"]
