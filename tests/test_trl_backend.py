@@ -142,13 +142,20 @@ def test_recipe_rules(tmp_path, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_many_devices_need_a_launcher(tmp_path, monkeypatch):
+def test_many_devices_launch_torchrun(tmp_path, monkeypatch):
+    """Outside a launcher, a 2-device recipe becomes a torchrun command for the same arguments; under one (WORLD_SIZE
+    set) the process trains itself."""
+    from trainers.run import launch_command
+
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     r = trl_recipe(tmp_path, "sft")
     r["trainer"]["devices"] = 2
-    with pytest.raises(UserError, match="torchrun --nproc_per_node 2"):
-        validate_recipe(r, "r.yaml")
-    validate_recipe(r, "r.yaml", check_hardware=False)  # `llm-limits validate` checks the schema only
+    path = write(tmp_path, r)
+    cmd = launch_command(str(path), [], None, cli_args=["train", str(path)])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert cmd[-4:] == ["-m", "trainers.cli", "train", str(path)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_command(str(path), [], None, cli_args=["train", str(path)]) is None
 
 
 def test_text_data_is_refused_with_one_line(tmp_path):
@@ -282,7 +289,9 @@ def test_zero2_two_processes_on_cpu(tmp_path):
     assert len(runs) == 1, runs  # both ranks wrote into one run directory
     res = json.loads((runs[0] / "results.json").read_text())
     assert res["train"]["world_size"] == 2 and res["train"]["zero_stage"] == 2 and res["train"]["steps"] == 3
-    assert sorted(p.name for p in (runs[0] / "checkpoints").glob("checkpoint-3/global_step3/*"))  # ZeRO shards
+    shards = sorted(p.name for p in (runs[0] / "checkpoints").glob("checkpoint-3/global_step3/*"))
+    assert [s for s in shards if s.startswith("zero_pp_rank_")] == [  # both ranks' ZeRO shards, in this run's folder
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     from trainers.models import build_model
 
     tok = build_char_tokenizer()

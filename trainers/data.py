@@ -41,9 +41,8 @@ NO_SPANS = {k: torch.tensor(-1) for k in SPAN_KEYS}
 """Plain text rows carry the metadata keys too (all -1), so a batch never mixes shapes of dicts."""
 
 
-class QADataset(Dataset):
-    """Question/answer rows (``ruler`` records): ``context + query + answer + eos``, right-padded to ``seq_len``, with
-    the token spans of the context and of the answer-bearing needle as metadata for the positional mitigations."""
+class RowDataset(Dataset):
+    """Rows built ahead of time, each a dict of same-shape tensors, so the default collate stacks them."""
 
     def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
         self.rows = rows
@@ -53,6 +52,11 @@ class QADataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.rows[i]
+
+
+class QADataset(RowDataset):
+    """Question/answer rows (``ruler`` records): ``context + query + answer + eos``, right-padded to ``seq_len``, with
+    the token spans of the context and of the answer-bearing needle as metadata for the positional mitigations."""
 
 
 def qa_rows(records: list[dict[str, Any]], tokenizer: Any, seq_len: int, loss_on: str) -> tuple[list[dict], int]:

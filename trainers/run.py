@@ -287,7 +287,25 @@ def train(
     echo: Callable[[str], None] = print, run_dir: str | None = None,
 ) -> Path:
     """``llm-limits train``: the whole lifecycle. Returns the run directory (``run_dir`` when given: it must not hold
-    a run yet; an ablation uses it to put each arm where it will look for it)."""
+    a run yet; an ablation uses it to put each arm where it will look for it).
+
+    ``LLM_LIMITS_RUN_DIR`` (set while the run trains, for the ranks Lightning's launcher starts) is restored when the
+    run ends: left behind in a process that trains again or launches torchrun (a test suite, a notebook), it sent
+    rank 1 of the next launch into the previous run's directory, where its ZeRO shards were lost to the new run."""
+    previous = os.environ.get(RUN_DIR_ENV)
+    try:
+        return _train(recipe_path, overrides, resume=resume, progress=progress, echo=echo, run_dir=run_dir)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _train(
+    recipe_path: str, overrides: list[str] | None, *, resume: str | None, progress: bool,
+    echo: Callable[[str], None], run_dir: str | None,
+) -> Path:
     fixed_dir = run_dir
     # --- validate -----------------------------------------------------------------------------------------------
     if fixed_dir is not None and is_rank_zero() and Path(fixed_dir).exists() and any(Path(fixed_dir).iterdir()):

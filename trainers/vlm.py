@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from evals import vlm
 from evals.tasks import TASKS, TaskDataError
+from trainers.data import RowDataset
 from trainers.errors import UserError
 
 VLM_MODEL_TYPES = ("llava",)
@@ -174,17 +174,8 @@ def drop_stage_grads(model: torch.nn.Module, stage: Any) -> None:
 
 
 # --- data --------------------------------------------------------------------------------------------------------------
-class VLMDataset(Dataset):
-    """Fixed-shape rows (see the module docstring), so the default collate stacks them."""
-
-    def __init__(self, rows: list[dict[str, torch.Tensor]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
+class VLMDataset(RowDataset):
+    """Image/question rows (see the module docstring), every tensor of a fixed shape."""
 
 
 def load_image_records(spec: Any, seed: int) -> list[dict[str, Any]]:
