@@ -301,3 +301,36 @@ def test_count_parameters_counts_tied_weights_once(tok):
     assert count_parameters(model) == (sum(unique.values()), sum(unique.values()))
     frozen = copy.deepcopy(model).requires_grad_(False)
     assert count_parameters(frozen) == (0, sum(unique.values()))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    """``model.gradient_checkpointing: true`` recomputes activations in the backward: the loss and every gradient are
+    those of the plain model (same seed, same batch), and a run with it trains."""
+    import copy
+    import json
+
+    from tests.conftest import TINY
+    from trainers.recipe import validate_recipe
+    from trainers.run import build, train
+
+    grads, losses = [], []
+    for on in (False, True):
+        r = copy.deepcopy(TINY)
+        r["model"]["gradient_checkpointing"] = on
+        built, loader, _ = build(validate_recipe(r, "r.yaml"))
+        assert bool(getattr(built.model, "is_gradient_checkpointing", False)) == on
+        batch = next(iter(loader))
+        out = built.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        out.loss.backward()
+        losses.append(float(out.loss))
+        grads.append({n: p.grad.clone() for n, p in built.model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6)
+    r = copy.deepcopy(TINY)
+    r["model"]["gradient_checkpointing"] = True
+    r.update(output_dir=str(tmp_path / "runs"), evals=[])
+    r["trainer"]["max_steps"] = 2
+    (tmp_path / "r.yaml").write_text(json.dumps(r))
+    run_dir = train(str(tmp_path / "r.yaml"), progress=False, echo=lambda s: None)
+    assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 2

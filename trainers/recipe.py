@@ -72,6 +72,9 @@ class ModelSpec(Strict):
     """Attention kernel (transformers' ``attn_implementation``); default: transformers' choice."""
     lora: LoraSpec | None = None
     """Train LoRA adapters (PEFT) instead of all weights."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, about a
+    third more compute); non-reentrant, so it composes with LoRA, DDP and DeepSpeed."""
     freeze: list[Literal["vision_tower", "projector", "language_model"]] = Field(default_factory=list)
     """Vision-language models: parts frozen for the whole run (LLaVA freezes its vision_tower throughout)."""
 

@@ -100,6 +100,8 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
             field_prefix="model" if checkpoint is None else "--checkpoint",
             head="token_classification" if trl and r.trainer.trl.algorithm == "prm" else "causal_lm",
         )
+    if m.gradient_checkpointing:
+        enable_checkpointing(model)
     if m.lora is not None and checkpoint is None:
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
     data: tuple[Any, Any] = (None, None)
@@ -150,6 +152,14 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
     return Built(resolved, tokenizer, model, mitigations, evals), *data
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient (activation) checkpointing on every decoder layer, non-reentrant; the KV cache off (it only serves
+    generation, and transformers refuses it with checkpointing while training)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def _check_data_root(resolved: ResolvedRecipe) -> None:
