@@ -40,10 +40,11 @@ test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
 
-bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, framework overhead, ZeRO-3 memory
+bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, framework overhead, ZeRO-3 memory, packing
 	$(PY) scripts/bench_curriculum.py
 	$(PY) scripts/bench_overhead.py
 	$(PY) scripts/bench_zero_memory.py
+	$(PY) scripts/bench_packing.py
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs wandb lightning_logs .pytest_cache

@@ -90,3 +90,44 @@ def test_data_root_admits_files_inside_and_refuses_links_and_evals_outside(tmp_p
     kb.write_text("")
     with pytest.raises(UserError, match=r"evals\[0\].path: .* is outside data.root"):
         build(recipe(root / "in.jsonl", [{"name": "multimodal", "task": "image_folder", "path": str(kb)}]))
+
+
+@pytest.mark.parametrize("packing", ["blocks", "per_document", "none"])
+def test_packing_modes_build_their_rows_and_train(tmp_path, packing):
+    """``blocks``: continuous positions (none given); ``per_document``: positions restart after each EOS, exactly;
+    ``none``: one padded row per document, no loss on padding. Each trains 2 steps."""
+    import copy
+
+    from tests.conftest import TINY
+    from trainers.run import train
+
+    tok = build_char_tokenizer()
+    docs = [{"text": "short one."}, {"text": "a somewhat longer document here."}, {"text": "x" * 80}] * 10
+    spec = DataSpec(path=None, task="synthetic_text", seq_len=32, packing=packing, val_fraction=0.0)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    spec = spec.model_copy(update={"path": str(path)})
+    train_ds, _ = build_datasets(spec, tok, seed=0)
+    row = train_ds[0]
+    if packing == "blocks":
+        assert "position_ids" not in row
+    elif packing == "per_document":
+        ids, pos = row["input_ids"], row["position_ids"]
+        eos_at = (ids == tok.eos_token_id).nonzero().flatten().tolist()
+        assert eos_at and pos[0] == 0
+        for i in eos_at:
+            if i + 1 < len(ids):
+                assert pos[i + 1] == 0 and pos[i] == pos[i - 1] + 1
+        assert len(train_ds) == len(build_datasets(spec.model_copy(update={"packing": "blocks"}), tok, 0)[0])
+    else:
+        assert len(train_ds) == len(docs)
+        n = int(row["attention_mask"].sum())
+        assert tok.decode(row["input_ids"][:n]) == "short one.<eos>"
+        assert (row["labels"][n:] == -100).all() and (row["labels"][:n] == row["input_ids"][:n]).all()
+    r = copy.deepcopy(TINY)
+    r["data"] = {"path": str(path), "seq_len": 32, "batch_size": 4, "packing": packing, "val_fraction": 0.0}
+    r.update(output_dir=str(tmp_path / "runs"), evals=[])
+    r["trainer"]["max_steps"] = 2
+    (tmp_path / "r.yaml").write_text(json.dumps(r))
+    run_dir = train(str(tmp_path / "r.yaml"), progress=False, echo=lambda s: None)
+    assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 2

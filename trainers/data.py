@@ -23,17 +23,57 @@ from trainers.recipe import DataSpec
 
 
 class BlockDataset(Dataset):
-    """Fixed-length token blocks ``[num_blocks, seq_len]`` served as causal-LM examples."""
+    """Fixed-length token blocks ``[num_blocks, seq_len]`` served as causal-LM examples, with per-document
+    ``position_ids`` when given (``data.packing: per_document``)."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
         self.blocks = blocks
+        self.position_ids = position_ids
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **NO_SPANS}
+        row = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **NO_SPANS}
+        if self.position_ids is not None:
+            row["position_ids"] = self.position_ids[i]
+        return row
+
+
+def document_positions(blocks: torch.Tensor, eos: int) -> torch.Tensor:
+    """Position ids that restart at 0 after every ``eos`` token (and at each block's start): ``[n, seq_len]``.
+
+    >>> document_positions(torch.tensor([[5, 6, 3, 7, 8, 3, 9]]), eos=3).tolist()
+    [[0, 1, 2, 0, 1, 2, 0]]
+    """
+    n, length = blocks.shape
+    idx = torch.arange(length).expand(n, length)
+    # a document starts at 0 and right after each eos; the position is the distance to the latest start
+    starts = torch.zeros_like(blocks, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = blocks[:, :-1] == eos
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - last_start
+
+
+def document_rows(records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    """``data.packing: none``: one row per document (EOS appended, cut at ``seq_len``), right-padded; no loss on
+    the padding."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for rec in records:
+        ids = (tokenizer(rec["text"], add_special_tokens=False)["input_ids"] + eos)[:seq_len]
+        if len(ids) < 2:
+            continue
+        row = torch.full((seq_len,), pad, dtype=torch.long)
+        row[: len(ids)] = torch.tensor(ids)
+        mask = torch.zeros(seq_len, dtype=torch.long)
+        mask[: len(ids)] = 1
+        labels = torch.where(mask.bool(), row, torch.full_like(row, -100))
+        rows.append({"input_ids": row, "attention_mask": mask, "labels": labels, **NO_SPANS})
+    return rows
 
 
 SPAN_KEYS = ("context_start", "context_end", "needle_start", "needle_end")
@@ -182,12 +222,26 @@ def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, 
         n_val = int(round(len(rows) * spec.val_fraction))
         val = QADataset(rows[len(rows) - n_val :]) if n_val and len(rows) > n_val else None
         return QADataset(rows[: len(rows) - n_val] if val else rows), val
+    if spec.packing == "none":
+        rows = document_rows(records, tokenizer, spec.seq_len)
+        if not rows:
+            raise UserError(f"data: no document of {len(records)} has 2 tokens or more (data.packing: none)")
+        n_val = int(round(len(rows) * spec.val_fraction))
+        if n_val and len(rows) - n_val < 1:
+            n_val = 0
+        return RowDataset(rows[: len(rows) - n_val]), (RowDataset(rows[len(rows) - n_val :]) if n_val else None)
     blocks = tokenize_to_blocks(records, tokenizer, spec.seq_len)
+    positions = None
+    if spec.packing == "per_document":
+        if tokenizer.eos_token_id is None:
+            raise UserError("data.packing: per_document needs a tokenizer with an EOS token (it marks where documents end)")
+        positions = document_positions(blocks, tokenizer.eos_token_id)
     n_val = int(round(blocks.shape[0] * spec.val_fraction))
     if n_val and blocks.shape[0] - n_val < 1:
         n_val = 0
-    train = BlockDataset(blocks[: blocks.shape[0] - n_val])
-    val = BlockDataset(blocks[blocks.shape[0] - n_val :]) if n_val else None
+    cut = blocks.shape[0] - n_val
+    train = BlockDataset(blocks[:cut], positions[:cut] if positions is not None else None)
+    val = BlockDataset(blocks[cut:], positions[cut:] if positions is not None else None) if n_val else None
     return train, val
 
 

@@ -103,6 +103,12 @@ class DataSpec(Strict):
     """Fraction of blocks (or examples) held out for the validation loss."""
     loss_on: Literal["all", "answer"] = "all"
     """For question/answer tasks (``ruler``): train on every token, or on the answer tokens only."""
+    packing: Literal["blocks", "per_document", "none"] = "blocks"
+    """Text documents (``{"text"}`` records): ``blocks`` concatenates them (EOS between) and cuts ``seq_len`` blocks,
+    positions running on across documents (Hugging Face's ``group_texts``); ``per_document`` the same blocks with
+    position ids restarting after each EOS, so every document starts at position 0 (with ``flash_attention_2``
+    transformers also keeps attention within each document; with ``sdpa``/``eager`` attention still crosses the
+    boundary); ``none`` one document per row, cut at ``seq_len`` and right-padded (no loss on padding)."""
     root: str | None = None
     """A folder the recipe's data files must stay inside: ``data.path``, an image folder's ``data.params.root`` and
     every eval's ``path`` are refused if they resolve (symlinks followed) outside it. Unset: no restriction (an image
