@@ -97,6 +97,12 @@ class Mitigation:
         self.config = config if config is not None else self.Config()
         self.injected = injected
 
+    def rewrites_positions(self) -> bool:
+        """Whether ``transform_batch`` rewrites ``position_ids`` or moves or cuts tokens inside a row. Such a
+        mitigation would undo ``data.packing: per_document`` (whose position ids mark where documents start), so
+        the recipe check refuses the pair."""
+        return False
+
     # --- hooks -------------------------------------------------------------------------------------------------
     def transform_records(self, records: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:
         """The prompt/completion records to train on, built from ``records`` (a task's records, every field kept);

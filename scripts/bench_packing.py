@@ -4,7 +4,9 @@ Training tokens per second (real tokens: padding excluded) with and without pack
 documents (log-normal lengths: most short, a long tail), the same tiny Llama, optimizer, batch size and ``seq_len``.
 The rows are exactly those `data.packing` builds (``trainers.data.build_datasets``): ``none`` (one padded row per
 document), ``blocks`` and ``per_document`` (concatenated, cut into full blocks; the latter with position ids that
-restart per document). The arms alternate over repeats; the ratio printed is the median of packed / unpacked.
+restart per document and attention kept inside each document), and for question/answer rows (the same skewed
+texts as contexts, a question and a one-token answer) ``none`` against ``per_document`` (whole examples packed by
+TRL's best-fit decreasing). The arms alternate over repeats; the ratio printed is the median of packed / unpacked.
 
 Usage: .venv/bin/python scripts/bench_packing.py [--steps 40] [--repeats 3] [--seq-len 256] [--batch 8] [--threads 1]
 """
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from trainers.data import build_datasets  # noqa: E402
+from trainers.data import build_datasets, real_tokens  # noqa: E402
 from trainers.models import build_model  # noqa: E402
 from trainers.recipe import DataSpec  # noqa: E402
 from trainers.tokenizers import build_char_tokenizer  # noqa: E402
@@ -49,6 +51,16 @@ def skewed_docs(n: int, seed: int) -> list[dict[str, str]]:
     return docs
 
 
+def skewed_qa(docs: list[dict[str, str]], seq_len: int) -> list[dict[str, str]]:
+    """Question/answer records whose contexts are the skewed documents (cut to fit a row)."""
+    out = []
+    for i, d in enumerate(docs):
+        key = f"k{i % 97}"
+        out.append({"context": d["text"][: seq_len - 40] + f" {key} is {i % 10}.", "query": f" what is {key}?",
+                    "answer": f" {i % 10}"})
+    return out
+
+
 def tokens_per_second(mode: str, args, tok, path: str) -> tuple[float, float]:
     spec = DataSpec(path=path, seq_len=args.seq_len, batch_size=args.batch, packing=mode, val_fraction=0.0)
     train, _ = build_datasets(spec, tok, seed=0)
@@ -66,13 +78,13 @@ def tokens_per_second(mode: str, args, tok, path: str) -> tuple[float, float]:
         for batch in loader:
             if done == 2:  # two warm-up steps
                 t0 = time.perf_counter()
-            loss = model(**{k: v for k, v in batch.items() if k in keys}).loss
+            loss = model(**{k: v for k, v in batch.items() if k in keys}, use_cache=False).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if done >= 2:
-                real += int(batch["attention_mask"].sum())
-                seen += batch["attention_mask"].numel()
+                real += real_tokens(batch)
+                seen += batch["input_ids"].numel()
             done += 1
             if done == args.steps + 2:
                 break
@@ -100,18 +112,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = str(Path(d) / "docs.jsonl")
         Path(path).write_text("".join(json.dumps(x) + "\n" for x in docs))
-        ratios: dict[str, list[float]] = {"blocks": [], "per_document": []}
+        qa_path = str(Path(d) / "qa.jsonl")
+        Path(qa_path).write_text("".join(json.dumps(x) + "\n" for x in skewed_qa(docs, args.seq_len)))
+        arms = {"blocks": path, "per_document": path, "qa per_document": qa_path}
+        ratios: dict[str, list[float]] = {k: [] for k in arms}
         for rep in range(args.repeats):
             base, fill = tokens_per_second("none", args, tok, path)
-            line = f"repeat {rep + 1}: none {base:,.0f} tok/s ({fill:.0%} of row tokens real)"
-            for mode in ratios:
-                tps, fill_p = tokens_per_second(mode, args, tok, path)
-                ratios[mode].append(tps / base)
-                line += f"; {mode} {tps:,.0f} tok/s ({fill_p:.0%} real), x{tps / base:.2f}"
+            qa_base, qa_fill = tokens_per_second("none", args, tok, qa_path)
+            line = (f"repeat {rep + 1}: none {base:,.0f} tok/s ({fill:.0%} of row tokens real); qa none "
+                    f"{qa_base:,.0f} tok/s ({qa_fill:.0%} real)")
+            for arm, data in arms.items():
+                tps, fill_p = tokens_per_second(arm.removeprefix("qa "), args, tok, data)
+                ref = qa_base if arm.startswith("qa") else base
+                ratios[arm].append(tps / ref)
+                line += f"; {arm} {tps:,.0f} tok/s ({fill_p:.0%} real), x{tps / ref:.2f}"
             print(line)
-    for mode, r in ratios.items():
-        print(f"packing {mode} vs none: training tokens per second x{statistics.median(r):.2f} (median of {len(r)})")
-
+    for arm, r in ratios.items():
+        print(f"packing {arm} vs none: training tokens per second x{statistics.median(r):.2f} (median of {len(r)})")
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,9 @@ from trainers.recipe import DataSpec
 
 class BlockDataset(Dataset):
     """Fixed-length token blocks ``[num_blocks, seq_len]`` served as causal-LM examples, with per-document
-    ``position_ids`` when given (``data.packing: per_document``)."""
+    ``position_ids`` when given (``data.packing: per_document``). Such rows carry no ``attention_mask``: given
+    ``position_ids`` and no mask, transformers reads each run of consecutive positions as its own sequence and keeps
+    attention inside it (``masking_utils.find_packed_sequence_indices``; sdpa, eager and flash attention alike)."""
 
     def __init__(self, blocks: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
         self.blocks = blocks
@@ -35,10 +37,19 @@ class BlockDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.blocks[i]
-        row = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **NO_SPANS}
         if self.position_ids is not None:
-            row["position_ids"] = self.position_ids[i]
-        return row
+            return {"input_ids": ids, "position_ids": self.position_ids[i], "labels": ids.clone(), **NO_SPANS}
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **NO_SPANS}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a batch that are not padding: the attention mask's sum, or for packed rows (no mask) their
+    ``n_tokens``, or every token (blocks have no padding)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "n_tokens" in batch:
+        return int(batch["n_tokens"].sum())
+    return int(batch["input_ids"].numel())
 
 
 def document_positions(blocks: torch.Tensor, eos: int) -> torch.Tensor:
@@ -94,6 +105,47 @@ class RowDataset(Dataset):
         return self.rows[i]
 
 
+def pack_rows(rows: list[dict[str, list[int]]], seq_len: int, pad: int) -> list[dict[str, torch.Tensor]]:
+    """``data.packing: per_document`` for rows (question/answer examples): TRL's best-fit-decreasing packing
+    (``trl.data_utils.pack_dataset``, the one ``SFTTrainer`` uses) puts whole examples into rows of ``seq_len``;
+    ``position_ids`` restart at 0 for each example (and for the padding at a row's end) and rows carry no attention
+    mask, so attention stays inside each example, as in one row per example. ``rows``: unpadded ``input_ids`` and
+    ``labels`` lists, each at most ``seq_len`` long.
+
+    >>> packed = pack_rows([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]},
+    ...                     {"input_ids": [6], "labels": [6]}], seq_len=4, pad=0)
+    >>> [(r["input_ids"].tolist(), r["position_ids"].tolist(), int(r["n_tokens"])) for r in packed]
+    [([1, 2, 3, 6], [0, 1, 2, 0], 4), ([4, 5, 0, 0], [0, 1, 0, 1], 2)]
+    """
+    from datasets import Dataset as HFDataset
+    from trl.data_utils import pack_dataset
+
+    import datasets
+
+    if not rows:
+        return []
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a "Map" bar over a pass that takes milliseconds says nothing
+    try:
+        packed = pack_dataset(HFDataset.from_list(rows), seq_len, strategy="bfd")
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    out = []
+    for ex in packed:
+        ids, labels, lengths = ex["input_ids"], ex["labels"], ex["seq_lengths"]
+        n = len(ids)
+        positions = [p for length in lengths for p in range(length)] + list(range(seq_len - n))
+        out.append({
+            "input_ids": torch.tensor(ids + [pad] * (seq_len - n)),
+            "position_ids": torch.tensor(positions),
+            "labels": torch.tensor(labels + [-100] * (seq_len - n)),
+            "n_tokens": torch.tensor(n),
+            **NO_SPANS,
+        })
+    return out
+
+
 class QADataset(RowDataset):
     """Question/answer rows (``ruler`` records): ``context + query + answer + eos``, right-padded to ``seq_len``, with
     the token spans of the context and of the answer-bearing needle as metadata for the positional mitigations."""
@@ -132,6 +184,15 @@ def qa_rows(records: list[dict[str, Any]], tokenizer: Any, seq_len: int, loss_on
             "needle_end": torch.tensor(ne),
         })
     return rows, dropped
+
+
+def _unpadded(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, list[int]]]:
+    """The real tokens of padded rows (``input_ids`` and ``labels`` up to the attention mask's end)."""
+    out = []
+    for r in rows:
+        n = int(r["attention_mask"].sum())
+        out.append({"input_ids": r["input_ids"][:n].tolist(), "labels": r["labels"][:n].tolist()})
+    return out
 
 
 def _token_span(offsets: list[tuple[int, int]], span: list[int]) -> tuple[int, int]:
@@ -216,13 +277,20 @@ def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, 
     Text records are packed into blocks; question/answer records become one padded row each."""
     records = load_records(spec, seed, tokenizer)
     if records and "query" in records[0]:
+        if spec.packing == "blocks":
+            raise UserError("data.packing: blocks cuts a token stream of text documents; question/answer examples "
+                            "pack with per_document (whole examples per row) or none (one row each)")
         rows, _ = qa_rows(records, tokenizer, spec.seq_len, spec.loss_on)
         if not rows:
             raise UserError(f"data: none of the {len(records)} question/answer examples fits data.seq_len={spec.seq_len} tokens")
         n_val = int(round(len(rows) * spec.val_fraction))
-        val = QADataset(rows[len(rows) - n_val :]) if n_val and len(rows) > n_val else None
-        return QADataset(rows[: len(rows) - n_val] if val else rows), val
-    if spec.packing == "none":
+        val_rows = rows[len(rows) - n_val :] if n_val and len(rows) > n_val else []
+        train_rows = rows[: len(rows) - len(val_rows)]
+        if spec.packing == "per_document":  # the split is by example, before packing: validation stays apart
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            train_rows, val_rows = (pack_rows(_unpadded(r), spec.seq_len, pad) for r in (train_rows, val_rows))
+        return QADataset(train_rows), (QADataset(val_rows) if val_rows else None)
+    if spec.packing == "none":  # "auto" packs text documents into blocks
         rows = document_rows(records, tokenizer, spec.seq_len)
         if not rows:
             raise UserError(f"data: no document of {len(records)} has 2 tokens or more (data.packing: none)")

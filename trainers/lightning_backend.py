@@ -23,6 +23,7 @@ from transformers import get_scheduler
 
 from mitigations.base import MODEL_KEYS, Mitigation, StepContext
 from trainers import checkpoints
+from trainers.data import real_tokens
 from trainers.errors import UserError, check_finite
 from trainers.recipe import TrainerSpec
 
@@ -97,7 +98,7 @@ class CausalLMModule(L.LightningModule):
             except ValueError as e:  # the recipe's knobs do not fit its data (e.g. a warmup shorter than a needle row)
                 raise UserError(f"mitigations: {m.name} at step {ctx.step}: {e}") from None
         extra_kwargs = {"output_hidden_states": True} if self.hidden_states else {}
-        outputs = self.model(**{k: v for k, v in batch.items() if k in FORWARD_KEYS}, **extra_kwargs)
+        outputs = self.model(**self._forward_inputs(batch), **extra_kwargs)
         loss = outputs.loss
         lm_loss = loss.detach()
         for m in self.mitigations:
@@ -107,7 +108,7 @@ class CausalLMModule(L.LightningModule):
                 self._pending[f"{m.name}/extra_loss"] = float(extra.detach())
         check_finite(loss, ctx.step)
         # Tokens count across ranks: every rank sees a batch of the same shape.
-        self.tokens_seen += int(batch["attention_mask"].sum()) * ctx.world_size
+        self.tokens_seen += real_tokens(batch) * ctx.world_size
         if self.spec.max_tokens and self.tokens_seen >= self.spec.max_tokens:
             self.trainer.should_stop = True  # the token budget is spent: this is the last optimizer step
         bs = batch["input_ids"].shape[0]
@@ -128,11 +129,18 @@ class CausalLMModule(L.LightningModule):
         self._pending = {}
         return loss
 
+    @staticmethod
+    def _forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The model's keyword arguments: the forward keys of the batch and no KV cache. A cache only serves
+        generation; in training it costs memory, and with one transformers reads packed rows (``position_ids``, no
+        mask) as a single sequence, letting attention cross from one document into the next."""
+        return {**{k: v for k, v in batch.items() if k in FORWARD_KEYS}, "use_cache": False}
+
     def _is_accum_boundary(self, batch_idx: int) -> bool:
         return (batch_idx + 1) % self.spec.grad_accum == 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        outputs = self.model(**{k: v for k, v in batch.items() if k in FORWARD_KEYS})
+        outputs = self.model(**self._forward_inputs(batch))
         self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     # --- optimizer ----------------------------------------------------------------------------------------------

@@ -103,12 +103,15 @@ class DataSpec(Strict):
     """Fraction of blocks (or examples) held out for the validation loss."""
     loss_on: Literal["all", "answer"] = "all"
     """For question/answer tasks (``ruler``): train on every token, or on the answer tokens only."""
-    packing: Literal["blocks", "per_document", "none"] = "blocks"
-    """Text documents (``{"text"}`` records): ``blocks`` concatenates them (EOS between) and cuts ``seq_len`` blocks,
-    positions running on across documents (Hugging Face's ``group_texts``); ``per_document`` the same blocks with
-    position ids restarting after each EOS, so every document starts at position 0 (with ``flash_attention_2``
-    transformers also keeps attention within each document; with ``sdpa``/``eager`` attention still crosses the
-    boundary); ``none`` one document per row, cut at ``seq_len`` and right-padded (no loss on padding)."""
+    packing: Literal["auto", "blocks", "per_document", "none"] = "auto"
+    """How examples fill rows of ``seq_len`` tokens. ``auto``: ``blocks`` for text documents, ``none`` for
+    question/answer and prompt/completion examples. ``blocks`` (text documents only) concatenates the documents (EOS
+    between) and cuts ``seq_len`` blocks, positions running on across documents (Hugging Face's ``group_texts``).
+    ``per_document``: every document or example starts at position 0 and attends only to itself (rows carry
+    ``position_ids`` and no attention mask; transformers then masks attention per document, with sdpa, eager and
+    flash attention alike): text documents in the same blocks as ``blocks``; question/answer examples (Lightning)
+    and SFT prompt/completion examples (TRL) packed whole by TRL's best-fit decreasing. ``none``: one document or
+    example per row, cut at ``seq_len`` and right-padded (no loss on padding)."""
     root: str | None = None
     """A folder the recipe's data files must stay inside: ``data.path``, an image folder's ``data.params.root`` and
     every eval's ``path`` are refused if they resolve (symlinks followed) outside it. Unset: no restriction (an image
@@ -423,6 +426,7 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
         except ValueError as e:
             raise UserError(f"{source}: evals[{i}]: {e}") from None
     _check_backend(recipe, source)
+    _check_packing(recipe, mitigations, source)
     if check_hardware:
         _check_hardware(recipe, source)
     return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
@@ -431,7 +435,16 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
 def _check_backend(recipe: Recipe, source: str) -> None:
     """Cross-section rules of the TRL backend (the schema of one section cannot see the others)."""
     t = recipe.trainer
-    if t.backend != "trl" or t.trl.algorithm != "grpo":
+    if t.backend != "trl":
+        return
+    packing = recipe.data.packing
+    if t.trl.algorithm == "sft" and packing == "blocks":
+        raise UserError(f"{source}: data.packing: blocks cuts a stream of text documents; SFT prompt/completion "
+                        "examples pack with per_document (whole examples per row) or none (one row each)")
+    if t.trl.algorithm != "sft" and packing in ("blocks", "per_document"):
+        raise UserError(f"{source}: data.packing: {packing} applies to SFT and language-model data; the trl "
+                        f"backend's {t.trl.algorithm} keeps one example per row (use auto or none)")
+    if t.trl.algorithm != "grpo":
         return
     world = t.devices * t.num_nodes
     per_generation = recipe.data.batch_size * t.grad_accum * world
@@ -441,6 +454,19 @@ def _check_backend(recipe: Recipe, source: str) -> None:
             f"{per_generation} completions per batch, which must be a multiple of trainer.trl.num_generations "
             f"({t.trl.num_generations})"
         )
+
+
+def _check_packing(recipe: Recipe, mitigations: list[tuple[str, Any]], source: str) -> None:
+    """``data.packing: per_document`` marks documents by their position ids; a mitigation that rewrites them (or
+    cuts and moves tokens in a row) would silently merge the documents again."""
+    if recipe.data.packing != "per_document":
+        return
+    for i, (name, config) in enumerate(mitigations):
+        if MITIGATIONS[name](config).rewrites_positions():
+            raise UserError(
+                f"{source}: mitigations[{i}]: {name} rewrites position ids or cuts rows, which data.packing: "
+                "per_document uses to keep documents apart (use packing: blocks or none with it)"
+            )
 
 
 def _check_hardware(recipe: Recipe, source: str) -> None:

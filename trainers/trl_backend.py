@@ -283,6 +283,22 @@ def _sft_trainer_cls() -> type:
     return HookedSFTTrainer
 
 
+def sft_trainer(
+    model: Any, tokenizer: Any, recipe: Recipe, kw: dict[str, Any], datasets: tuple[Dataset, Dataset | None],
+    callbacks: list[TrainerCallback],
+) -> Any:
+    """The SFT trainer of a recipe: loss on the completion only. ``data.packing: per_document`` turns on TRL's
+    best-fit-decreasing packing, padding-free: each micro-batch is one flat row of whole examples with position ids
+    restarting per example and no attention mask, so transformers keeps attention inside each example."""
+    from trl import SFTConfig
+
+    args = SFTConfig(**kw, max_length=recipe.data.seq_len, completion_only_loss=True,
+                     packing=recipe.data.packing == "per_document", packing_strategy="bfd", dataset_num_proc=None,
+                     remove_unused_columns=True)
+    return _sft_trainer_cls()(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
+                              processing_class=tokenizer, callbacks=callbacks)
+
+
 def token_char_spans(tokenizer: Any, ids: list[int]) -> list[tuple[int, int]]:
     """Character span of each token in ``tokenizer.decode(ids, skip_special_tokens=True)``, found by decoding growing
     prefixes (exact for any tokenizer whose decode of a prefix is a prefix of the decode of the whole).
@@ -477,6 +493,19 @@ def mean_example_tokens(ds: Dataset, tokenizer: Any) -> float:
     return sum(lengths) / max(1, len(lengths))
 
 
+def budget_steps(spec: TrainerSpec, tokens_per_step: float, *, has_val: bool) -> dict[str, int]:
+    """The ``TrainingArguments`` step counts that ``trainer.max_tokens`` (and ``warmup_tokens``) buy at
+    ``tokens_per_step`` non-padding tokens per optimizer step."""
+    steps = max(1, min(spec.max_steps, math.ceil(spec.max_tokens / tokens_per_step)))
+    out = {"max_steps": steps,
+           "warmup_steps": min(steps - 1, math.ceil(spec.warmup_tokens / tokens_per_step)) if spec.warmup_tokens else 0}
+    if not spec.checkpoint_every:
+        out["save_steps"] = steps
+    if has_val and not spec.val_every:
+        out["eval_steps"] = steps
+    return out
+
+
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -580,21 +609,16 @@ def fit(
     holder: dict[str, Any] = {}
     callback = RunCallback(lambda: holder["t"], enabled, tracker, history)
 
+    rows_per_step = recipe.data.batch_size * spec.grad_accum * _world_size()
     if spec.max_tokens:  # sft only (recipe rule): the token budget becomes steps, and a callback enforces it
-        per_step = mean_example_tokens(train_ds, tokenizer) * recipe.data.batch_size * spec.grad_accum * _world_size()
-        kw["max_steps"] = max(1, min(spec.max_steps, math.ceil(spec.max_tokens / per_step)))
-        kw["warmup_steps"] = min(kw["max_steps"] - 1, math.ceil(spec.warmup_tokens / per_step)) if spec.warmup_tokens else 0
-        if not spec.checkpoint_every:
-            kw["save_steps"] = kw["max_steps"]
-        if val_ds is not None and not spec.val_every:
-            kw["eval_steps"] = kw["max_steps"]
+        kw.update(budget_steps(spec, mean_example_tokens(train_ds, tokenizer) * rows_per_step, has_val=val_ds is not None))
     if algo == "sft":
-        from trl import SFTConfig
-
-        args = SFTConfig(**kw, max_length=recipe.data.seq_len, completion_only_loss=True, packing=False,
-                         dataset_num_proc=None, remove_unused_columns=True)
-        trainer = _sft_trainer_cls()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                     processing_class=tokenizer, callbacks=[callback])
+        trainer = sft_trainer(model, tokenizer, recipe, kw, (train_ds, val_ds), [callback])
+        if recipe.data.packing == "per_document" and spec.max_tokens:  # a step now holds packed rows: recount the steps the budget buys
+            packed = trainer.train_dataset["input_ids"]
+            per_row = sum(len(ids) for ids in packed) / max(1, len(packed))
+            for key, value in budget_steps(spec, per_row * rows_per_step, has_val=val_ds is not None).items():
+                setattr(trainer.args, key, value)
     elif algo == "grpo":
         from trl import GRPOConfig
 

@@ -187,6 +187,10 @@ class Positional(Mitigation):
         """The length ``s`` was initialised for; None until known (set on the first batch when ``init_len`` is null)."""
         self.ssmax_modules: list[torch.nn.Module] = []
 
+    def rewrites_positions(self) -> bool:
+        cfg: PositionalConfig = self.config
+        return cfg.enabled and (cfg.warmup.enabled or cfg.pose.enabled or cfg.balanced.enabled)
+
     # --- setup ---------------------------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module, tokenizer: Any = None) -> torch.nn.Module:
         cfg: PositionalConfig = self.config
