@@ -40,9 +40,10 @@ test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
 
-bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, framework overhead, ZeRO-3 memory, packing
+bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, framework overhead (Lightning, TRL), ZeRO-3 memory, packing
 	$(PY) scripts/bench_curriculum.py
 	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench_trl_overhead.py
 	$(PY) scripts/bench_zero_memory.py
 	$(PY) scripts/bench_packing.py
 

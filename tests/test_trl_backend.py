@@ -70,6 +70,10 @@ def test_deepspeed_config_and_training_kwargs(tmp_path):
     assert kw["max_steps"] == 2 and kw["learning_rate"] == 3e-3 and kw["per_device_train_batch_size"] == 8
     assert kw["seed"] == kw["data_seed"] == 7 and kw["deepspeed"] is None and kw["eval_strategy"] == "steps"
     assert kw["lr_scheduler_type"] == "cosine" and kw["output_dir"] == str(tmp_path / "checkpoints")
+    # TRL's configs default to activation checkpointing (a recomputed forward: +25% step time); the recipe decides
+    from trl import GRPOConfig, SFTConfig
+
+    assert not SFTConfig(**kw).activation_checkpointing and not GRPOConfig(**kw).activation_checkpointing
 
 
 def test_prm_rows_put_labels_at_step_ends():

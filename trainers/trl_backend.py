@@ -481,6 +481,10 @@ def training_kwargs(spec: TrainerSpec, data: DataSpec, run_dir: Path, seed: int,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",  # the Lightning backend counts non-padding tokens too
         deepspeed=deepspeed_config(spec.strategy, spec.offload),
+        # TRL's SFT and GRPO configs turn activation checkpointing on by default, which recomputes every forward
+        # (measured: +25% step time, scripts/bench_trl_overhead.py). The recipe's model.gradient_checkpointing
+        # decides it, applied to the model itself (run.enable_checkpointing), as for the Lightning backend.
+        activation_checkpointing=False,
     )
     if has_val:
         kw.update(eval_strategy="steps", eval_steps=spec.val_every or spec.max_steps)
