@@ -677,6 +677,10 @@ def fit(
     stats["world_size"] = float(trainer.args.world_size)
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     stats["zero_stage"] = float(plugin.zero_stage) if trainer.is_deepspeed_enabled and plugin is not None else -1.0
+    engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
+    # what the DeepSpeed engine ran with (not what the recipe asked): 0 none, 1 optimizer state, 2 also parameters
+    stats["zero_offload"] = (float(engine.zero_cpu_offload()) + float(engine.zero_offload_param() is not None)
+                             if engine is not None and hasattr(engine, "zero_cpu_offload") else 0.0)
     return trainer.accelerator.unwrap_model(trainer.model), stats, history, trainer
 
 
