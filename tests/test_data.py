@@ -131,3 +131,15 @@ def test_packing_modes_build_their_rows_and_train(tmp_path, packing):
     (tmp_path / "r.yaml").write_text(json.dumps(r))
     run_dir = train(str(tmp_path / "r.yaml"), progress=False, echo=lambda s: None)
     assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 2
+
+
+def test_validation_rows_are_sharded_across_ranks_once_each(monkeypatch):
+    from trainers.data import ResumableRandomSampler, ShardSampler
+
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(ResumableRandomSampler, "_world", staticmethod(lambda r=rank: (r, 3)))
+        s = ShardSampler(10)
+        shares.append(list(s))
+        assert len(s) == len(shares[-1])
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]  # every row once, none padded in

@@ -70,6 +70,8 @@ def test_lightning_ddp_two_processes_match_one_process_on_the_same_global_batch(
            for d in (tmp_path / "one", tmp_path / "two")]
     assert res[0]["tokens_seen"] == res[1]["tokens_seen"] == 6 * 8 * 32
     assert res[0]["final_loss"] == pytest.approx(res[1]["final_loss"], rel=1e-4)  # the logged loss is the ranks' mean
+    # validation is sharded across the ranks and reduced exactly: the same loss over the same validation tokens
+    assert res[0]["val_loss"] == res[0]["val_loss"] and res[0]["val_loss"] == pytest.approx(res[1]["val_loss"], rel=1e-5)
 
 
 def _recipe(**trainer) -> dict:

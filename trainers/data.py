@@ -415,6 +415,29 @@ class ResumableRandomSampler(Sampler[int]):
         self._tail()
 
 
+class ShardSampler(Sampler[int]):
+    """Validation order: every row in order in one process; under DDP rank ``r`` of ``w`` takes rows ``r, r+w, ...``
+    (no row twice, none padded in, so the shares may differ by one). Read when iteration starts, like
+    :class:`ResumableRandomSampler`, because Lightning starts the process group after the loader is built.
+
+    >>> list(ShardSampler(5))
+    [0, 1, 2, 3, 4]
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _indices(self) -> range:
+        rank, world = ResumableRandomSampler._world()
+        return range(rank, self.n, world)
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def __iter__(self):
+        yield from self._indices()
+
+
 def build_loaders(
     spec: DataSpec, tokenizer: Any, seed: int
 ) -> tuple[DataLoader, DataLoader | None]:
@@ -430,5 +453,5 @@ def loaders(train: Dataset, val: Dataset | None, batch_size: int, seed: int) -> 
     # The loader draws its (unused, no workers) base seed from its own generator: the sampler owns the data order.
     train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                               generator=torch.Generator().manual_seed(seed))
-    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False) if val is not None else None
+    val_loader = DataLoader(val, batch_size=batch_size, sampler=ShardSampler(len(val))) if val is not None else None
     return train_loader, val_loader

@@ -139,9 +139,22 @@ class CausalLMModule(L.LightningModule):
     def _is_accum_boundary(self, batch_idx: int) -> bool:
         return (batch_idx + 1) % self.spec.grad_accum == 0
 
+    # Validation is sharded under DDP (trainers.data.ShardSampler: each rank scores its own share of the rows, none
+    # twice) and its loss is exact: summed token losses and token counts are reduced over the ranks once per
+    # validation, so ``val/loss`` is the mean over every validation token, whatever the batching or the world size.
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         outputs = self.model(**self._forward_inputs(batch))
-        self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        tokens = (batch["labels"][:, 1:] != -100).sum()  # the shifted targets a causal LM's loss averages over
+        total = torch.where(tokens > 0, outputs.loss.detach().double() * tokens, 0.0)  # no target: the loss is 0/0
+        self._val_sums += torch.stack([total, tokens.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        if float(sums[1]) > 0:
+            self.log("val/loss", (sums[0] / sums[1]).float(), prog_bar=True, rank_zero_only=True)
 
     # --- optimizer ----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
