@@ -134,3 +134,19 @@ def test_zero_offload_runs_with_two_processes(tmp_path, stage, offload):
 
     model = build_model(path=str(run_dir / "model"), vocab_size=len(build_char_tokenizer()))
     assert all(p.numel() > 0 for p in model.parameters())
+
+
+def test_mfu_benchmark_script_runs_both_backends_on_cpu():
+    """scripts/bench_mfu.py is for a GPU; its --smoke mode runs the same code on the CPU with a 2-layer model, so a
+    session that is lent a GPU finds a working script."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_mfu.py"), "--smoke"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [s for s in out.stdout.splitlines() if " backend (" in s]
+    assert [s.split()[0] for s in lines] == ["lightning", "trl"] and all("MFU" in s for s in lines), out.stdout[-2000:]
