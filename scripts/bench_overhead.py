@@ -98,8 +98,8 @@ def lightning(args, tok, rows) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:-1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of both framework-overhead benchmarks (this one and bench_trl_overhead.py)."""
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
@@ -108,6 +108,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer()

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import PrinterCallback  # noqa: E402
 
+from scripts.bench_overhead import add_arguments, make_model  # noqa: E402  (the same model as the Lightning bench)
 from trainers.recipe import validate_recipe  # noqa: E402
 from trainers.tokenizers import build_char_tokenizer  # noqa: E402
 from trainers.trl_backend import RunCallback, sft_trainer, training_kwargs  # noqa: E402
@@ -54,16 +55,6 @@ def recipe(args):
                     "lr_schedule": "constant", "grad_clip": 1.0, "log_every": steps, "accelerator": "cpu"},
         "mitigations": [], "evals": [],
     }, check_hardware=False).recipe
-
-
-def make_model(args, tok):
-    from trainers.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("llama", {"hidden_size": args.hidden, "intermediate_size": 4 * args.hidden,
-                                 "num_hidden_layers": args.layers, "num_attention_heads": 4, "num_key_value_heads": 4,
-                                 "max_position_embeddings": args.seq_len}, vocab_size=len(tok),
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def sft_rows(args, tok):
@@ -151,14 +142,7 @@ def plain(args, tok, rec, tokenized, run_dir: Path) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
+    add_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import datasets
