@@ -105,6 +105,24 @@ def test_launch_checks_fail_before_any_process_starts(monkeypatch):
     assert command(resolved.recipe.trainer, ["train", "r.yaml"]) is None
 
 
+def test_flash_attention_is_checked_before_anything_is_built(monkeypatch):
+    """flash_attention_2 needs a CUDA GPU and the flash-attn package; transformers would say so only after the
+    run's evals and data were built, with a traceback. On a GPU without the package: a one-line error naming it."""
+    import trainers.recipe as recipe_module
+
+    r = _recipe(accelerator="auto")
+    r["model"]["attn_implementation"] = "flash_attention_2"
+    with pytest.raises(UserError, match=r"r.yaml: model.attn_implementation: flash_attention_2 runs on CUDA GPUs only"):
+        validate_recipe(r, "r.yaml")
+    monkeypatch.setattr(recipe_module, "_cuda_available", lambda: True)
+    monkeypatch.setattr(recipe_module, "_cuda_device_count", lambda: 1)
+    monkeypatch.setattr(recipe_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"r.yaml: model.attn_implementation: flash_attention_2 needs the flash-attn "
+                                        r"package, which is not installed here"):
+        validate_recipe(r, "r.yaml")
+    validate_recipe(r, "r.yaml", check_hardware=False)  # llm-limits validate: a GPU recipe validates anywhere
+
+
 def test_offload_goes_into_the_deepspeed_config():
     from trainers.trl_backend import deepspeed_config
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import os
 import typing
 from pathlib import Path
@@ -493,6 +494,13 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
     check_rendezvous(t, source)
     if t.precision == "16-mixed" and on_cpu:
         raise UserError(f"{source}: trainer.precision: 16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if on_cpu:
+            raise UserError(f"{source}: model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; on CPU "
+                            "use sdpa or eager")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError(f"{source}: model.attn_implementation: flash_attention_2 needs the flash-attn package, "
+                            "which is not installed here (pip install flash-attn --no-build-isolation, or use sdpa)")
 
 
 def _cuda_device_count() -> int:
