@@ -1,6 +1,7 @@
-"""Scale on CPU, as subprocesses: ``llm-limits train`` launches torchrun itself for a multi-device TRL recipe (ZeRO-1
-and ZeRO-3, 2 processes) and ZeRO-3's saved model loads back in one process; Lightning DDP on 2 processes ends with the
-weights of one process on the same global batch; and the launch checks that fail before any process starts."""
+"""Scale on CPU, as subprocesses: ``llm-limits train`` launches torchrun itself for a multi-device TRL recipe (ZeRO-1,
+2 and 3, 2 processes), which follows one process's loss trajectory on the same global batch and whose saved model
+(ZeRO-3's too) loads back in one process; Lightning DDP on 2 processes ends with the weights of one process on the
+same global batch; and the launch checks that fail before any process starts."""
 
 from __future__ import annotations
 
@@ -25,12 +26,37 @@ def _only_run(runs: Path) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_trl_recipe_with_two_devices_launches_torchrun_itself(tmp_path, stage):
-    r = trl_recipe(tmp_path, "sft")
-    r["trainer"].update(strategy=f"deepspeed_stage_{stage}", devices=2, max_steps=3)
+def _trajectory(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, loss, grad norm) of every logged step, from the last checkpoint's HF ``trainer_state.json``."""
+    (state,) = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"))[-1:]
+    return [(e["step"], e["loss"], e["grad_norm"]) for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+
+
+@pytest.fixture(scope="module")
+def one_process_sft(tmp_path_factory) -> tuple[dict, Path]:
+    """The reference: the TRL backend's SFT in one process, 3 steps of a global batch of 8 rows."""
+    where = tmp_path_factory.mktemp("one")
+    r = trl_recipe(where, "sft")
+    r["trainer"].update(max_steps=3)
+    r["data"]["batch_size"] = 8
     r["evals"] = []
+    out = run_cli("train", str(write(where, r)), "--no-progress", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return r, _only_run(where / "runs" / r["name"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trl_recipe_with_two_devices_launches_torchrun_itself(tmp_path, stage, one_process_sft):
+    """ZeRO-1/2/3 with 2 processes x 4 rows: the same global batch of 8 as the one-process run (HF's seedable sampler
+    gives rank r the r-th half of each batch of the one shuffled order; losses are token sums over the global token
+    count), so the same loss and gradient-norm trajectory and the same final weights, up to float summation order;
+    the saved ZeRO-3 model is whole weights that load in one process."""
+    one, one_dir = one_process_sft
+    r = json.loads(json.dumps(one))
+    r["trainer"].update(strategy=f"deepspeed_stage_{stage}", devices=2)
+    r["data"]["batch_size"] = 4
+    r["output_dir"] = str(tmp_path / "runs")
     out = run_cli("train", str(write(tmp_path, r)), "--no-progress", timeout=900)
     errors = [s for s in out.stderr.splitlines() if "Error" in s or "error:" in s]
     assert out.returncode == 0, "\n".join(errors[:20]) + "\n" + out.stderr[-2000:]
@@ -38,12 +64,22 @@ def test_trl_recipe_with_two_devices_launches_torchrun_itself(tmp_path, stage):
     run_dir = _only_run(tmp_path / "runs" / r["name"])  # both ranks wrote into one run directory
     res = json.loads((run_dir / "results.json").read_text())
     assert res["train"]["world_size"] == 2 and res["train"]["zero_stage"] == stage and res["train"]["steps"] == 3
+    ref, got = _trajectory(one_dir), _trajectory(run_dir)
+    assert [s for s, _, _ in got] == [s for s, _, _ in ref] == [1, 2, 3]
+    assert len({loss for _, loss, _ in ref}) == 3  # the reference really trains (a flat trajectory would match anything)
+    for (step, loss, norm), (_, ref_loss, ref_norm) in zip(got, ref):
+        assert loss == pytest.approx(ref_loss, rel=1e-5), f"step {step}: loss {loss} vs one process {ref_loss}"
+        assert norm == pytest.approx(ref_norm, rel=1e-5), f"step {step}: grad norm {norm} vs one process {ref_norm}"
     from trainers.models import build_model
     from trainers.tokenizers import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model = build_model(path=str(run_dir / "model"), vocab_size=len(tok))  # whole weights, one process
     assert all(p.numel() > 0 for p in model.parameters())  # ZeRO-3 shards would be empty tensors
+    a, b = weights(one_dir), weights(run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.slow
