@@ -15,7 +15,7 @@ import torch
 from trainers.errors import UserError
 from trainers.recipe import validate_recipe
 
-from tests.conftest import TINY
+from tests.conftest import REPO, TINY
 from tests.test_cli import run_cli
 from tests.test_crash_resume import lightning_recipe, weights
 from tests.test_trl_backend import trl_recipe, write
@@ -204,3 +204,27 @@ def test_mfu_benchmark_script_runs_both_backends_on_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [s for s in out.stdout.splitlines() if " backend (" in s]
     assert [s.split()[0] for s in lines] == ["lightning", "trl"] and all("MFU" in s for s in lines), out.stdout[-2000:]
+
+
+def test_device_wheels_follow_the_project_pins():
+    """scripts/device_wheels.sh and scripts/gpu_checks.sh carry this project's versions to the lent GPU machine: a pin
+    changed in pyproject.toml and not there would benchmark another version than the one tested here."""
+    import re
+    import tomllib
+
+    pins = dict(re.match(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups()
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    pins = {k.lower().replace("_", "-"): v for k, v in pins.items()}
+    installed = {}
+    for script in ("device_wheels.sh", "gpu_checks.sh"):
+        found = re.findall(r"\b([a-z][a-z0-9_-]*)==([0-9][0-9A-Za-z.]*)", (REPO / "scripts" / script).read_text())
+        assert found, script
+        installed.update(found)
+        for name, version in found:
+            if name in pins:
+                assert version == pins[name], f"scripts/{script}: {name}=={version}, pyproject.toml pins {pins[name]}"
+    assert {"transformers", "trl", "datasets", "deepspeed", "pydantic"} <= set(installed)
+    import importlib.metadata as md
+
+    for name, version in installed.items():  # the dependencies that pyproject leaves to pip: the venv's versions
+        assert md.version(name) == version, f"{name}: the scripts carry {version}, this venv has {md.version(name)}"
