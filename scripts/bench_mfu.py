@@ -5,7 +5,7 @@ needs a CUDA GPU; this project's CI machine has none).
 Each arm builds the model from a config (random weights, vocabulary 32,000), trains ``--steps`` timed steps after
 ``--warmup`` on random token ids (every row full: no padding, so every token is a trained token) with the backend's
 own trainer: ``trainers.lightning_backend.build_trainer`` + ``CausalLMModule`` and ``trainers.trl_backend.sft_trainer``
-(the ids handed over already tokenized, so TRL does not touch them). Step time is the median interval between the
+(the ids handed over already tokenized, so TRL does not touch them), each arm in its own process. Step time is the median interval between the
 starts of consecutive steps (``torch.cuda.synchronize`` at each stamp).
 
 Model FLOPs per token (PaLM, arXiv 2204.02311, appendix B): ``6 N + 12 L H S``, N the parameters that take part in
@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--attn", default="sdpa", help="model.attn_implementation: sdpa, eager, flash_attention_2")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, a 2-layer model, 3 steps: checks the script runs")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # an arm started by --backend both
     args = ap.parse_args()
     args.vocab = VOCAB
     if args.smoke:
@@ -179,13 +181,23 @@ def main() -> None:
         args.lightning_strategy = args.strategy
     args.trl_strategy = args.strategy
     peak = peak_tflops(args)
+    if args.backend == "both":
+        # One process per arm: each backend sets up (and leaves behind) its own process group and DeepSpeed engine,
+        # and a second one in the same process would start from the first one's state, not from a clean one.
+        print(f"command: python scripts/bench_mfu.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+        failed = [b for b in ("lightning", "trl")
+                  if subprocess.run([sys.executable, __file__, *sys.argv[1:], "--backend", b, "--quiet"]).returncode]
+        if failed:
+            raise SystemExit(f"bench_mfu: the {' and '.join(failed)} arm failed (its error is above)")
+        return
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else platform.machine()
-    print(f"command: python scripts/bench_mfu.py {' '.join(sys.argv[1:])}".rstrip())
+    if not args.quiet:
+        print(f"command: python scripts/bench_mfu.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"device: {device}; peak {peak:g} TFLOP/s; torch {torch.__version__}")
     data = rows(args)
     arms = {"lightning": lightning_arm, "trl": trl_arm}
     for name, arm in arms.items():
-        if args.backend not in ("both", name):
+        if args.backend != name:
             continue
         times, fpt = arm(args, data)
         step = statistics.median(times)

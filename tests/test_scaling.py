@@ -204,6 +204,7 @@ def test_mfu_benchmark_script_runs_both_backends_on_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [s for s in out.stdout.splitlines() if " backend (" in s]
     assert [s.split()[0] for s in lines] == ["lightning", "trl"] and all("MFU" in s for s in lines), out.stdout[-2000:]
+    assert out.stdout.count("command: ") == 1 and out.stdout.count("device: ") == 2  # one process per arm
 
 
 def test_device_wheels_follow_the_project_pins():
