@@ -346,9 +346,8 @@ def _strategy(spec: TrainerSpec) -> Any:
     if spec.strategy.startswith("deepspeed") and spec.offload != "none":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(stage=int(spec.strategy.rsplit("_", 1)[1]), offload_optimizer=True,
-                                 offload_parameters=spec.offload == "optimizer_and_params")
-    return spec.strategy  # "auto" or "deepspeed_stage_N" (CUDA only; rejected on CPU by the recipe check)
+        return DeepSpeedStrategy(stage=int(spec.strategy.rsplit("_", 1)[1]), offload_optimizer=True)
+    return spec.strategy  # "auto" or "deepspeed_stage_1/2" (CUDA only; the recipe check refuses it on CPU, and stage 3)
 
 
 def fit(

@@ -201,8 +201,8 @@ class TrainerSpec(Strict):
     num_nodes: int = Field(1, ge=1)
     """Nodes."""
     strategy: Strategy = "auto"
-    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (CUDA only with the lightning backend; on CPU too
-    with trl, under torchrun)."""
+    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (lightning: stages 1-2, CUDA only; trl: 1-3, on
+    CPU too, under torchrun)."""
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     """DeepSpeed ZeRO-Offload: keep the optimizer state (``optimizer``, ZeRO 1-3) and the parameters
     (``optimizer_and_params``, ZeRO-3 only) in CPU memory. Needs a ``deepspeed_stage_N`` strategy."""
@@ -233,6 +233,10 @@ class TrainerSpec(Strict):
         if self.offload != "none" and not self.strategy.startswith("deepspeed"):
             raise ValueError(f"offload: {self.offload} needs a DeepSpeed strategy (deepspeed_stage_1/2/3), not "
                              f"{self.strategy}")
+        if self.backend == "lightning" and self.strategy == "deepspeed_stage_3":
+            raise ValueError("strategy: deepspeed_stage_3 is not supported with the lightning backend: ZeRO-3 leaves "
+                             "each rank a shard of the weights, and the saved model and the evals after training need "
+                             "them whole on rank 0 (use deepspeed_stage_2, or backend: trl, whose ZeRO-3 gathers them)")
         if self.offload == "optimizer_and_params" and self.strategy != "deepspeed_stage_3":
             raise ValueError(f"offload: optimizer_and_params offloads parameters, which only ZeRO-3 partitions "
                              f"(strategy: deepspeed_stage_3, not {self.strategy}); use offload: optimizer")
