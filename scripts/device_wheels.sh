@@ -8,8 +8,8 @@
 #   device run, carry [".whl"]:  bash scripts/gpu_checks.sh
 #
 # The set is what `scripts/bench_mfu.py` imports that the image lacks (found by running it with the rest blocked),
-# at this project's pins (pyproject.toml). deepspeed publishes no wheel: it is built here (pure Python; its CUDA ops
-# compile on first use there, with the image's nvcc).
+# at this project's pins (pyproject.toml; the rest at the versions the venv had on 2026-11-24). deepspeed publishes
+# no wheel: it is built here (pure Python; its CUDA ops compile on first use there, with the image's nvcc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
