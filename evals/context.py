@@ -187,8 +187,8 @@ def needle_attention_mass(attentions: Sequence[torch.Tensor], needle_mask: torch
     Each row is renormalised by its own sum, so the value is a fraction even where a model's rows do not sum to 1.
 
     >>> att = torch.tensor([0.1, 0.6, 0.3]).view(1, 1, 1, 3)
-    >>> needle_attention_mass([att, att], torch.tensor([[False, True, False]])).tolist()
-    [0.6000000238418579]
+    >>> [round(v, 4) for v in needle_attention_mass([att, att], torch.tensor([[False, True, False]])).tolist()]
+    [0.6]
     """
     last = torch.stack([a[:, :, -1, :].float() for a in attentions])  # [layers, batch, heads, k]
     on_needle = (last * needle_mask[None, :, None, :].to(last.dtype)).sum(-1)  # [layers, batch, heads]

@@ -508,8 +508,8 @@ def pair_accuracy(pair_ids: Sequence[int], correct: Sequence[bool]) -> float:
     """MMVP's pair accuracy (Tong et al. 2024, arXiv 2401.06209): fraction of pairs (records sharing a
     ``pair_id``; ``-1`` is no pair) with every record right. NaN with no pairs.
 
-    >>> pair_accuracy([0, 0, 1, 1, 2, 2], [True, True, True, False, False, False])
-    0.3333333333333333
+    >>> round(pair_accuracy([0, 0, 1, 1, 2, 2], [True, True, True, False, False, False]), 4)
+    0.3333
     """
     if len(pair_ids) != len(correct):
         raise ValueError(f"multimodal: {len(correct)} outcomes for {len(pair_ids)} pair ids")

@@ -386,8 +386,8 @@ def recall_at_k(results: Sequence[Sequence[Hit]], gold: Sequence[Sequence[str]],
     Queries with no gold id (unanswerable ones) are left out of the fraction; NaN when no query has one.
 
     >>> results = [[("a", 3.0), ("b", 2.0), ("c", 1.0)], [("c", 0.9), ("a", 0.5)], [("b", 1.0)]]
-    >>> recall_at_k(results, [["a"], ["a", "c"], ["c"]], k=1), recall_at_k(results, [["a"], ["a", "c"], ["c"]], k=2)
-    (0.3333333333333333, 0.6666666666666666)
+    >>> [round(recall_at_k(results, [["a"], ["a", "c"], ["c"]], k=k), 4) for k in (1, 2)]
+    [0.3333, 0.6667]
     >>> recall_at_k(results, [["b"], [], ["b"]], k=1)   # the query with no gold id does not count
     0.5
     """
