@@ -1,12 +1,12 @@
 """Limit evals, registered by name in one dict. Each measures one limit as a curve and reads the limit off it."""
 
-from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
-from evals.context import Context
-from evals.hallucination import Hallucination
-from evals.multimodal import Multimodal
-from evals.positional_loss import PositionalLoss
-from evals.reasoning import ProcessReward, Reasoning
-from evals.retrieval import Retrieval
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
+from llm_limits.evals.context import Context
+from llm_limits.evals.hallucination import Hallucination
+from llm_limits.evals.multimodal import Multimodal
+from llm_limits.evals.positional_loss import PositionalLoss
+from llm_limits.evals.reasoning import ProcessReward, Reasoning
+from llm_limits.evals.retrieval import Retrieval
 
 EVALS: dict[str, type[Eval]] = {
     "positional_loss": PositionalLoss,

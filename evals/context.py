@@ -42,16 +42,16 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, read_limit
-from evals.positional_loss import (
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, read_limit
+from llm_limits.evals.positional_loss import (
     MAX_UNK_FRACTION,
     PositionalLoss,
     PositionalLossConfig,
     position_range,
     unk_fraction,
 )
-from evals.tasks import TASKS
-from evals.tasks.ruler import TASK_NAMES, load_jsonl, prompt_text
+from llm_limits.evals.tasks import TASKS
+from llm_limits.evals.tasks.ruler import TASK_NAMES, load_jsonl, prompt_text
 
 TASK = "ruler"
 """The key of ``evals.tasks.TASKS`` whose generator makes the held-out prompts (``ContextConfig.task`` picks the

@@ -41,9 +41,9 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm import tqdm
 
-from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from evals.context import _eval_mode, _pad_id, length_buckets
-from evals.retrieval import (
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
+from llm_limits.evals.context import _eval_mode, _pad_id, length_buckets
+from llm_limits.evals.retrieval import (
     RETRIEVER_KINDS,
     answer_of,
     build_retriever,
@@ -55,8 +55,8 @@ from evals.retrieval import (
     sample_distractors,
     validate_kb_fields,
 )
-from evals.reasoning import decode_texts
-from evals.tasks import kb
+from llm_limits.evals.reasoning import decode_texts
+from llm_limits.evals.tasks import kb
 
 RAG_MODES = ("retrieved", "same_attribute")
 

@@ -59,11 +59,11 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from evals import vlm
-from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series
-from evals.context import _eval_mode
-from evals.positional_loss import position_range, unk_fraction
-from evals.reasoning import _spells
+from llm_limits.evals import vlm
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series
+from llm_limits.evals.context import _eval_mode
+from llm_limits.evals.positional_loss import position_range, unk_fraction
+from llm_limits.evals.reasoning import _spells
 
 TASK_NAMES = ("shapes", "digits", "image_folder")
 
@@ -173,7 +173,7 @@ def _count(n: int, noun: str) -> str:
 
 # --- the task's records ----------------------------------------------------------------------------------------------
 def _task_entry(task: str) -> tuple[type, Callable[[Any], list[dict]]]:
-    from evals.tasks import TASKS
+    from llm_limits.evals.tasks import TASKS
 
     if task not in TASKS:
         raise ValueError(f"multimodal: task {task!r} is not registered in evals.tasks.TASKS")
@@ -183,7 +183,7 @@ def _task_entry(task: str) -> tuple[type, Callable[[Any], list[dict]]]:
 def _task_fields(task: str) -> set[str]:
     """The keys ``params`` may hold for ``task``."""
     if task == "image_folder":
-        from evals.tasks import image_folder
+        from llm_limits.evals.tasks import image_folder
 
         return {p for p in list(inspect.signature(image_folder.load).parameters)[1:]}
     return {f.name for f in dataclasses.fields(_task_entry(task)[0])}
@@ -282,7 +282,7 @@ def build_eval_set(c: MultimodalConfig) -> EvalSet:
     c.validate()
     notes: list[str] = []
     if c.task == "image_folder":
-        from evals.tasks import image_folder
+        from llm_limits.evals.tasks import image_folder
 
         records = image_folder.load(c.path, **dict(c.params))
         qa = [r for r in records if is_multiple_choice(r)]

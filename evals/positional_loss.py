@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, read_limit
-from evals.tasks import TASKS
-from evals.tasks.synthetic_text import load_jsonl
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.tasks import TASKS
+from llm_limits.evals.tasks.synthetic_text import load_jsonl
 
 MAX_UNK_FRACTION = 0.01
 """The largest fraction of the task's characters a tokenizer may map to its unknown token (see ``check``)."""

@@ -55,11 +55,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
-from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from evals.context import _accepts, _eval_mode, _pad_id, _stop_ids, greedy_decode, has_rope, length_buckets
-from evals.positional_loss import position_range, unk_fraction
-from evals.tasks import chains
-from evals.tasks.chains import ANSWER_PREFIX, STEP_SEP, ChainsConfig
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
+from llm_limits.evals.context import _accepts, _eval_mode, _pad_id, _stop_ids, greedy_decode, has_rope, length_buckets
+from llm_limits.evals.positional_loss import position_range, unk_fraction
+from llm_limits.evals.tasks import chains
+from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP, ChainsConfig
 
 PRM_CORRUPTIONS = {"wrong_step": 0.25, "propagated": 0.25}
 """Corruptions of the ProcessBench-style set: half the chains have one wrong step (a quarter with the right answer

@@ -44,10 +44,10 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from tqdm import tqdm
 
-from evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from evals.positional_loss import position_range, unk_fraction
-from evals.reasoning import _spells, decode_texts
-from evals.tasks import kb
+from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
+from llm_limits.evals.positional_loss import position_range, unk_fraction
+from llm_limits.evals.reasoning import _spells, decode_texts
+from llm_limits.evals.tasks import kb
 
 EVAL_KB_SEED = 1_000_003
 """The default ``kb_seed`` of the retrieval eval: a knowledge base no training recipe uses by default."""
@@ -247,7 +247,7 @@ def rate(flags: Sequence[bool]) -> float:
 
 def build_retriever(kind: str, knowledge: kb.KnowledgeBase) -> Any:
     """A retriever of ``kind`` over every passage of ``knowledge`` (ids ``entity/attribute``)."""
-    from evals import retrievers  # bm25s / sentence-transformers load only when an eval builds contexts
+    from llm_limits.evals import retrievers  # bm25s / sentence-transformers load only when an eval builds contexts
 
     ids = list(knowledge.passages)
     return retrievers.build_retriever(kind, ids, [knowledge.passages[i] for i in ids])
@@ -550,7 +550,7 @@ class Retrieval(Eval):
         c = self.config
         if self._cache is not None and self._cache[0] is tokenizer and self._cache[1] == repr(c):
             return self._cache[2], self._cache[3]
-        from evals.retrievers import recall_at_k
+        from llm_limits.evals.retrievers import recall_at_k
 
         knowledge = kb.build_kb(kb_config(c, "retrieval"))
         questions = self.questions(knowledge)

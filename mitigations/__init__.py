@@ -1,11 +1,11 @@
 """Training-time mitigations, registered by name in one dict (no plugin system, no import-time magic)."""
 
-from mitigations.base import Mitigation, MitigationConfig, StepContext
-from mitigations.bounded_retrieval import BoundedRetrieval
-from mitigations.crossmodal import CrossModal
-from mitigations.noop import NoOp
-from mitigations.positional import Positional
-from mitigations.process_rewards import ProcessRewards
+from llm_limits.mitigations.base import Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.bounded_retrieval import BoundedRetrieval
+from llm_limits.mitigations.crossmodal import CrossModal
+from llm_limits.mitigations.noop import NoOp
+from llm_limits.mitigations.positional import Positional
+from llm_limits.mitigations.process_rewards import ProcessRewards
 
 MITIGATIONS: dict[str, type[Mitigation]] = {
     "noop": NoOp,

@@ -22,15 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.context import score_records  # noqa: E402
-from evals.tasks.ruler import RulerConfig, generate as ruler_generate  # noqa: E402
-from mitigations.base import StepContext  # noqa: E402
-from mitigations.positional import Positional, PositionalConfig  # noqa: E402
-from mitigations.positional.mitigation import WarmupConfig  # noqa: E402
-from trainers.data import load_records, tokenize_to_blocks  # noqa: E402
-from trainers.models import build_model  # noqa: E402
-from trainers.recipe import DataSpec  # noqa: E402
-from trainers.tokenizers import build_char_tokenizer  # noqa: E402
+from llm_limits.evals.context import score_records  # noqa: E402
+from llm_limits.evals.tasks.ruler import RulerConfig, generate as ruler_generate  # noqa: E402
+from llm_limits.mitigations.base import StepContext  # noqa: E402
+from llm_limits.mitigations.positional import Positional, PositionalConfig  # noqa: E402
+from llm_limits.mitigations.positional.mitigation import WarmupConfig  # noqa: E402
+from llm_limits.trainers.build.data import load_records, tokenize_to_blocks  # noqa: E402
+from llm_limits.trainers.build.models import build_model  # noqa: E402
+from llm_limits.trainers.recipe.schema import DataSpec  # noqa: E402
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer  # noqa: E402
 
 SEQ_LEN = 128
 BATCH = 16

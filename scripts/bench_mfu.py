@@ -80,9 +80,9 @@ def _sync() -> None:
 def lightning_arm(args, data) -> tuple[list[float], float]:
     import lightning as L
 
-    from trainers.data import RowDataset
-    from trainers.lightning_backend import CausalLMModule, build_trainer
-    from trainers.recipe import TrainerSpec
+    from llm_limits.trainers.build.data import RowDataset
+    from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+    from llm_limits.trainers.recipe.schema import TrainerSpec
 
     model = make_model(args)
     steps = args.steps + args.warmup
@@ -109,9 +109,9 @@ def trl_arm(args, data) -> tuple[list[float], float]:
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from trainers.recipe import validate_recipe
-    from trainers.tokenizers import build_char_tokenizer
-    from trainers.trl_backend import ensure_distributed_env, sft_trainer, training_kwargs
+    from llm_limits.trainers.recipe.schema import validate_recipe
+    from llm_limits.trainers.build.tokenizers import build_char_tokenizer
+    from llm_limits.trainers.backends.trl import ensure_distributed_env, sft_trainer, training_kwargs
 
     steps = args.steps + args.warmup
     rec = validate_recipe({

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainers.data import RowDataset  # noqa: E402
-from trainers.lightning_backend import CausalLMModule, build_trainer  # noqa: E402
-from trainers.models import build_model  # noqa: E402
-from trainers.recipe import TrainerSpec  # noqa: E402
-from trainers.tokenizers import build_char_tokenizer  # noqa: E402
+from llm_limits.trainers.build.data import RowDataset  # noqa: E402
+from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer  # noqa: E402
+from llm_limits.trainers.build.models import build_model  # noqa: E402
+from llm_limits.trainers.recipe.schema import TrainerSpec  # noqa: E402
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer  # noqa: E402
 
 warnings.filterwarnings("ignore")
 import logging  # noqa: E402

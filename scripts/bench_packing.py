@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from trainers.data import build_datasets, real_tokens  # noqa: E402
-from trainers.models import build_model  # noqa: E402
-from trainers.recipe import DataSpec  # noqa: E402
-from trainers.tokenizers import build_char_tokenizer  # noqa: E402
+from llm_limits.trainers.build.data import build_datasets, real_tokens  # noqa: E402
+from llm_limits.trainers.build.models import build_model  # noqa: E402
+from llm_limits.trainers.recipe.schema import DataSpec  # noqa: E402
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer  # noqa: E402
 
 WORDS = "the model reads a long context and answers from the passage it was given".split()
 

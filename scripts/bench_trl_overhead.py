@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import PrinterCallback  # noqa: E402
 
 from scripts.bench_overhead import add_arguments, make_model  # noqa: E402  (the same model as the Lightning bench)
-from trainers.recipe import validate_recipe  # noqa: E402
-from trainers.tokenizers import build_char_tokenizer  # noqa: E402
-from trainers.trl_backend import RunCallback, sft_trainer, training_kwargs  # noqa: E402
+from llm_limits.trainers.recipe.schema import validate_recipe  # noqa: E402
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer  # noqa: E402
+from llm_limits.trainers.backends.trl import RunCallback, sft_trainer, training_kwargs  # noqa: E402
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("WANDB_MODE", "disabled")

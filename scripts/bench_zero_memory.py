@@ -48,10 +48,10 @@ def worker(args) -> None:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from trainers.data import RowDataset
-    from trainers.models import build_model
-    from trainers.tokenizers import build_char_tokenizer
-    from trainers.trl_backend import deepspeed_config
+    from llm_limits.trainers.build.data import RowDataset
+    from llm_limits.trainers.build.models import build_model
+    from llm_limits.trainers.build.tokenizers import build_char_tokenizer
+    from llm_limits.trainers.backends.trl import deepspeed_config
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def main() -> None:
     if args.arm:
         worker(args)
         return
-    from trainers.launch import free_port
+    from llm_limits.trainers.launch import free_port
 
     print(f"command: python scripts/bench_zero_memory.py {' '.join(sys.argv[1:])}".rstrip())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",

@@ -32,7 +32,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "tiny-lm": ("recipes/baseline/tiny-lm.yaml", []),
     "tiny-pose-300": ("recipes/context/tiny-pose.yaml", ["trainer.max_tokens=614400", "trainer.log_every=50"]),
     "tiny-sft-20": ("recipes/reasoning/tiny-sft.yaml", ["trainer.max_steps=20", "trainer.warmup_steps=2"]),
-    "grpo-step-2": ("recipes/reasoning/tiny-grpo-step.yaml", ["trainer.max_steps=2"]),
+    "grpo-step-2": ("recipes/reasoning/tiny-grpo-step.yaml", ["trainer.max_steps=2", "trainer.warmup_steps=0"]),
     "multimodal-infonce-20": ("recipes/multimodal/tiny-infonce.yaml", ["trainer.max_steps=20", "trainer.warmup_steps=2"]),
 }
 
@@ -62,16 +62,18 @@ def curves_sha(results_file: Path) -> str:
 
 
 def run_all(work: Path) -> dict[str, dict[str, str]]:
-    exe = Path(sys.executable).with_name("llm-limits")
+    # `python -m` of this tree's CLI: llm_limits.trainers.cli once the package namespace exists, trainers.cli before it
+    # (the old layout is run from PYTHONPATH, whatever checkout the venv has installed).
+    module = "llm_limits.trainers.cli" if "llm_limits" in (ROOT / "pyproject.toml").read_text() else "trainers.cli"
     # PYTHONPATH: the tree this script sits in is the code that runs, even where another checkout is installed.
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     out: dict[str, dict[str, str]] = {}
     for name, (recipe, overrides) in RUNS.items():
-        cmd = [str(exe), "train", str(ROOT / recipe), "output_dir=" + str(work / "runs"),
+        cmd = [sys.executable, "-m", module, "train", str(ROOT / recipe), "output_dir=" + str(work / "runs"),
                "tracking.wandb.mode=disabled", *overrides]
         if name == "grpo-step-2":
             cmd.append(f"model.path={work / 'runs' / 'reasoning-tiny-sft' / 'latest' / 'model'}")
-        print(f"[pin] {name}: {' '.join(cmd[1:])}", flush=True)
+        print(f"[pin] {name}: {' '.join(cmd[2:])}", flush=True)
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"[pin] {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

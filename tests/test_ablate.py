@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from trainers.ablate import control_label, expand, parse_grid
-from trainers.errors import UserError
+from llm_limits.trainers.results.ablate import control_label, expand, parse_grid
+from llm_limits.trainers.recipe.errors import UserError
 
 from tests.test_cli import run_in_process
 

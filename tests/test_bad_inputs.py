@@ -78,8 +78,8 @@ def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama saved with a 3-character tokenizer (7 embedding rows)."""
     import torch
 
-    from trainers.models import build_model, save_model
-    from trainers.tokenizers import build_char_tokenizer
+    from llm_limits.trainers.build.models import build_model, save_model
+    from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
     torch.manual_seed(0)
     tok = build_char_tokenizer(TINY_ALPHABET)
@@ -188,7 +188,7 @@ def test_real_process_exit_code(tmp_path, out_root, request):
     case = BY_ID["recipe_unknown_nested_key.yaml"]
     values = prepare(case, tmp_path, out_root, request)
     script = Path(sys.executable).with_name("llm-limits")
-    cli = [str(script)] if script.is_file() else [sys.executable, "-m", "trainers.cli"]
+    cli = [str(script)] if script.is_file() else [sys.executable, "-m", "llm_limits.trainers.cli"]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
     env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     out = subprocess.run([*cli, *[fill(a, values) for a in case["args"]]], capture_output=True, text=True,

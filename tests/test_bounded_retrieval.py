@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from mitigations import MITIGATIONS
-from mitigations.base import hooks_overridden
-from mitigations.bounded_retrieval import (
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import hooks_overridden
+from llm_limits.mitigations.bounded_retrieval import (
     BoundedRetrieval,
     BoundedRetrievalConfig,
     exact_mask,
@@ -346,8 +346,8 @@ def test_config_errors(field, value, message):
 
 
 def test_with_the_kb_task():
-    """The real kb renderers and poison, when evals.tasks.kb is there (another helper writes it)."""
-    kb = pytest.importorskip("evals.tasks.kb")
+    """The real kb renderers and poison, when llm_limits.evals.tasks.kb is there (another helper writes it)."""
+    kb = pytest.importorskip("llm_limits.evals.tasks.kb")
     config = kb.KBConfig(num_entities=30, num_examples=60, unanswerable_fraction=0.1, two_hop_fraction=0.2)
     base = kb.build_kb(config)
     recs = kb.generate(config)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.tasks import TASKS, TaskDataError
-from evals.tasks.chains import (
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks.chains import (
     ALPHABET,
     CORRUPTIONS,
     ChainsConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainers.checkpoints import (
+from llm_limits.trainers.backends.checkpoints import (
     MANIFEST, checkpoint_folders, last_good_checkpoint, manifest_path, verify, write_manifest,
 )
 

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import REPO
 
-CLI = [sys.executable, "-m", "trainers.cli"]
+CLI = [sys.executable, "-m", "llm_limits.trainers.cli"]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -26,7 +26,7 @@ def run_in_process(*args: str) -> subprocess.CompletedProcess:
     torch/transformers import again for every bad-input case."""
     from typer.testing import CliRunner
 
-    from trainers.cli import app
+    from llm_limits.trainers.cli import app
 
     res = CliRunner().invoke(app, list(args), catch_exceptions=False)
     return subprocess.CompletedProcess(args, res.exit_code, res.stdout, res.stderr)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from trainers.compare import (
+from llm_limits.trainers.results.compare import (
     Difference,
     Interval,
     compare,
@@ -23,7 +23,7 @@ from trainers.compare import (
     summary_keys,
     verdict,
 )
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 # --- statistics ------------------------------------------------------------------------------------------------------
 

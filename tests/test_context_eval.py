@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import evals
-import evals.context
-from evals import EVALS, EvalResult, LimitSpec, read_limit
-from evals.context import (
+from llm_limits import evals
+import llm_limits.evals.context
+from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.context import (
     Context,
     ContextConfig,
     cut_prediction,
@@ -29,8 +29,8 @@ from evals.context import (
     predict_records,
     score_records,
 )
-from evals.tasks.ruler import RulerConfig, generate, prompt_text
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.tasks.ruler import RulerConfig, generate, prompt_text
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 SMALL = {"lengths": [32, 64, 128], "depths": [0.0, 0.5, 1.0], "examples_per_cell": 2, "batch_size": 8}
 """A 3 x 3 grid of 2 prompts per cell: 18 prompts, well under a second on a tiny model."""

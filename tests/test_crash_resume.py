@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainers.run import train
+from llm_limits.trainers.run import train
 
 from tests.conftest import REPO, TINY
 from tests.test_trl_backend import trl_recipe, write
@@ -81,7 +81,7 @@ def test_killed_twice_and_resumed_gives_the_uninterrupted_weights(tmp_path, back
     # process's service (WANDB_SERVICE) leaves its run open there when it is killed.
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cli = [sys.executable, "-m", "trainers.cli"]
+    cli = [sys.executable, "-m", "llm_limits.trainers.cli"]
     root = tmp_path / "runs" / r["name"]
     rng = random.Random(0)
     run_dir = None

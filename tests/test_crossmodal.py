@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mitigations import MITIGATIONS
-from mitigations.base import StepContext, hooks_overridden
-from mitigations.crossmodal import (
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import StepContext, hooks_overridden
+from llm_limits.mitigations.crossmodal import (
     CrossModal,
     CrossModalConfig,
     alignment,
@@ -290,7 +290,7 @@ def test_loss_module_initial_values():
 # --- extra_loss on a tiny LLaVA ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vlm_batch():
-    from evals import vlm
+    from llm_limits.evals import vlm
     from tests.vlm_fixtures import tiny_vlm
 
     model, tok = tiny_vlm("clip")
@@ -358,8 +358,8 @@ def test_extra_loss_on_tiny_vlm(vlm_batch, cfg):
 
 @pytest.mark.parametrize("layer", [-1, 0])
 def test_embeddings_mirror_evals_vlm(vlm_batch, layer):
-    from evals import vlm
-    from evals.multimodal import modality_gap
+    from llm_limits.evals import vlm
+    from llm_limits.evals.multimodal import modality_gap
 
     model, tok, fmt, images, captions, batch = vlm_batch
     m = CrossModal(CrossModalConfig(layer=layer))

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from evals.tasks.ruler import RulerConfig, generate
-from trainers.data import build_datasets, qa_rows
-from trainers.errors import UserError
-from trainers.recipe import DataSpec
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.tasks.ruler import RulerConfig, generate
+from llm_limits.trainers.build.data import build_datasets, qa_rows
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import DataSpec
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 TOK = build_char_tokenizer()
 
@@ -67,8 +67,8 @@ def test_data_root_admits_files_inside_and_refuses_links_and_evals_outside(tmp_p
     import copy
 
     from tests.conftest import TINY
-    from trainers.recipe import validate_recipe
-    from trainers.run import build
+    from llm_limits.trainers.recipe.schema import validate_recipe
+    from llm_limits.trainers.run import build
 
     root = tmp_path / "data"
     root.mkdir()
@@ -99,7 +99,7 @@ def test_packing_modes_build_their_rows_and_train(tmp_path, packing):
     import copy
 
     from tests.conftest import TINY
-    from trainers.run import train
+    from llm_limits.trainers.run import train
 
     tok = build_char_tokenizer()
     docs = [{"text": "short one."}, {"text": "a somewhat longer document here."}, {"text": "x" * 80}] * 10
@@ -134,7 +134,7 @@ def test_packing_modes_build_their_rows_and_train(tmp_path, packing):
 
 
 def test_validation_rows_are_sharded_across_ranks_once_each(monkeypatch):
-    from trainers.data import ResumableRandomSampler, ShardSampler
+    from llm_limits.trainers.build.data import ResumableRandomSampler, ShardSampler
 
     shares = []
     for rank in range(3):

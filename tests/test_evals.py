@@ -12,12 +12,12 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-import evals
-import evals.base
-import evals.positional_loss
-from evals import EVALS, EvalResult, LimitSpec, compare, read_limit
-from evals.base import passes
-from evals.positional_loss import (
+from llm_limits import evals
+import llm_limits.evals.base
+import llm_limits.evals.positional_loss
+from llm_limits.evals import EVALS, EvalResult, LimitSpec, compare, read_limit
+from llm_limits.evals.base import passes
+from llm_limits.evals.positional_loss import (
     PositionalLoss,
     PositionalLossConfig,
     bucket_means,
@@ -25,7 +25,7 @@ from evals.positional_loss import (
     token_nll,
     unk_fraction,
 )
-from evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate
+from llm_limits.evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -331,7 +331,7 @@ def test_measures_real_positional_under_training(tokenizer):
 def test_documents_are_long_enough_for_a_tokenizer_with_several_characters_per_token():
     """Held-out documents are sized from the tokenizer's characters per token, so a coarser tokenizer still gets
     ``seq_len`` tokens from every document."""
-    from evals.tasks import synthetic_text as st
+    from llm_limits.evals.tasks import synthetic_text as st
 
     words = sorted({*st.DETERMINERS, "an", *st.ADJECTIVES, *st.NOUNS, *st.TRANSITIVE, *st.INTRANSITIVE, "is",
                     *st.ADVERBS, *st.PREPOSITIONS, *st.CONJUNCTIONS, *" ".join(st.OPENERS).split(), ".", ","})

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mitigations import MITIGATIONS
-from mitigations.base import Mitigation, MitigationConfig
-from trainers.checkpoints import last_good_checkpoint
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import Mitigation, MitigationConfig
+from llm_limits.trainers.backends.checkpoints import last_good_checkpoint
 
 from tests.conftest import TINY
 from tests.test_cli import run_in_process
@@ -69,12 +69,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, poison, back
 def test_a_full_disk_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     import errno
 
-    import trainers.run
+    import llm_limits.trainers.run
 
     def full(path, results):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(trainers.run, "write_results", full)
+    monkeypatch.setattr(llm_limits.trainers.run, "write_results", full)
     r = copy.deepcopy(TINY)
     r["output_dir"] = str(tmp_path / "runs")
     out = run_in_process("train", str(write(tmp_path, r)), "--no-progress")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import evals
-from evals import EVALS, EvalResult, LimitSpec, read_limit
-from evals.hallucination import (
+from llm_limits import evals
+from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.hallucination import (
     Hallucination,
     HallucinationConfig,
     answer_confidences,
@@ -25,8 +25,8 @@ from evals.hallucination import (
     rank_bucket,
     reliability,
 )
-from evals.tasks import kb
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.tasks import kb
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from evals.tasks import TASKS, TaskDataError, digits, shapes
-from evals.tasks.digits import DigitsConfig
-from evals.tasks.image_folder import load
-from evals.tasks.shapes import ShapesConfig
+from llm_limits.evals.tasks import TASKS, TaskDataError, digits, shapes
+from llm_limits.evals.tasks.digits import DigitsConfig
+from llm_limits.evals.tasks.image_folder import load
+from llm_limits.evals.tasks.shapes import ShapesConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "image_folder"
 FIELDS = {"task", "id", "image_id", "image", "caption", "question", "answer", "choices", "kind", "pair_id",

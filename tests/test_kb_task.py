@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.tasks import TASKS, TaskDataError
-from evals.tasks.kb import (
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks.kb import (
     ABSTAIN,
     ASKED_ATTRIBUTES,
     KB_ALPHABET,

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from mitigations.base import Mitigation, MitigationConfig, StepContext
-from mitigations.noop import NoOp
-from trainers.errors import UserError
-from trainers.lightning_backend import CausalLMModule, build_trainer
-from trainers.recipe import validate_recipe
-from trainers.run import build
+from llm_limits.mitigations.base import Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.noop import NoOp
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+from llm_limits.trainers.recipe.schema import validate_recipe
+from llm_limits.trainers.run import build
 
 from tests.conftest import TINY
 from tests.test_cli import run_cli, run_dirs

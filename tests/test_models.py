@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from trainers.errors import UserError
-from trainers.models import apply_lora, build_model, count_parameters, save_model
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.build.models import apply_lora, build_model, count_parameters, save_model
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 TINY = {
     "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -133,7 +133,7 @@ def test_exactly_one_of_type_or_path(tok, saved_llama):
 
 
 def test_trust_remote_code_is_off_unless_asked_and_warns(tok, caplog):
-    with caplog.at_level(logging.WARNING, logger="trainers.models"):
+    with caplog.at_level(logging.WARNING, logger="llm_limits.trainers.build.models"):
         build_model("llama", TINY["llama"], vocab_size=len(tok))
         assert not caplog.records
         build_model("llama", TINY["llama"], vocab_size=len(tok), trust_remote_code=True)
@@ -310,8 +310,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
     import json
 
     from tests.conftest import TINY
-    from trainers.recipe import validate_recipe
-    from trainers.run import build, train
+    from llm_limits.trainers.recipe.schema import validate_recipe
+    from llm_limits.trainers.run import build, train
 
     grads, losses = [], []
     for on in (False, True):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import evals
-import evals.multimodal as mm
-from evals import EVALS, EvalResult
-from evals import vlm
-from evals.multimodal import (
+from llm_limits import evals
+import llm_limits.evals.multimodal as mm
+from llm_limits.evals import EVALS, EvalResult
+from llm_limits.evals import vlm
+from llm_limits.evals.multimodal import (
     EvalSet,
     Measurements,
     Multimodal,
@@ -36,8 +36,8 @@ from evals.multimodal import (
     task_config,
 )
 from tests.vlm_fixtures import tiny_tokenizer, tiny_vlm
-from trainers.recipe import strict_model_for, to_dataclass
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.trainers.recipe.schema import strict_model_for, to_dataclass
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

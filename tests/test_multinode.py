@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_trl_backend import trl_recipe, write
-from trainers.launch import free_port
+from llm_limits.trainers.launch import free_port
 
 pytestmark = pytest.mark.slow
 

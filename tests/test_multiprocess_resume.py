@@ -1,7 +1,7 @@
 """Multi-process resume is exact: a 2-process Lightning DDP run (gloo, CPU) resumed from a mid-epoch checkpoint, and a
 2-process DeepSpeed ZeRO-2 run of the TRL backend (torchrun, CPU) resumed from a middle checkpoint, each end with
 exactly the uninterrupted run's weights. Before the fix the DDP resume replayed the epoch from its start: Lightning
-swapped the train sampler for a DistributedSampler that cannot restart mid-epoch (trainers/data.py now splits the
+swapped the train sampler for a DistributedSampler that cannot restart mid-epoch (trainers/build/data.py now splits the
 epoch across ranks itself)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from trainers.launch import free_port
+from llm_limits.trainers.launch import free_port
 from tests.test_cli import run_cli
 from tests.test_crash_resume import lightning_recipe, same
 from tests.test_trl_backend import trl_recipe, write
@@ -54,7 +54,7 @@ def test_lightning_ddp_two_processes_resume_mid_epoch_exactly(tmp_path, resume_a
     crashed = tmp_path / "crashed"
     shutil.copytree(reference, crashed, symlinks=True)
     _only_checkpoint(crashed, f"step-{resume_at:06d}.ckpt", "last.ckpt")
-    from trainers.checkpoints import write_manifest
+    from llm_limits.trainers.backends.checkpoints import write_manifest
 
     write_manifest(crashed / "checkpoints" / "last.ckpt", resume_at)
     out = run_cli("train", "--resume", str(crashed), "--no-progress", timeout=600)
@@ -71,7 +71,7 @@ def test_trl_zero2_two_processes_resume_exactly(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                "-m", "trainers.cli", "train"]
+                "-m", "llm_limits.trainers.cli", "train"]
 
     def launch(*args: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([*torchrun, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)

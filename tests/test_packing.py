@@ -13,11 +13,11 @@ import torch
 
 from tests.conftest import TINY
 from tests.test_trl_backend import trl_recipe, write
-from trainers.data import build_datasets, pack_rows, real_tokens
-from trainers.lightning_backend import CausalLMModule
-from trainers.recipe import DataSpec
-from trainers.run import train
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.trainers.build.data import build_datasets, pack_rows, real_tokens
+from llm_limits.trainers.backends.lightning import CausalLMModule
+from llm_limits.trainers.recipe.schema import DataSpec
+from llm_limits.trainers.run import train
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,8 +136,8 @@ def test_lightning_trains_on_packed_qa_rows(tmp_path, packing):
 # --- TRL: SFT rows through TRL's own packing ---------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_sft_packed_batch_keeps_examples_apart(tmp_path, attn):
-    from trainers.recipe import validate_recipe
-    from trainers.trl_backend import build_datasets as trl_datasets, sft_trainer, training_kwargs
+    from llm_limits.trainers.recipe.schema import validate_recipe
+    from llm_limits.trainers.backends.trl import build_datasets as trl_datasets, sft_trainer, training_kwargs
 
     r = trl_recipe(tmp_path, "sft")
     r["data"].update(packing="per_document", val_fraction=0.0)

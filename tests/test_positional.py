@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mitigations import MITIGATIONS
-from mitigations.base import StepContext
-from mitigations.positional import (
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import StepContext
+from llm_limits.mitigations.positional import (
     Positional,
     PositionalConfig,
     WarmupConfig,
@@ -25,8 +25,8 @@ from mitigations.positional import (
     ssmax_init,
     truncate_batch,
 )
-from mitigations.positional.core import SPAN_KEYS
-from mitigations.positional.mitigation import SSMAX_ATTENTION, register_ssmax_attention
+from llm_limits.mitigations.positional.core import SPAN_KEYS
+from llm_limits.mitigations.positional.mitigation import SSMAX_ATTENTION, register_ssmax_attention
 
 VOCAB = 64
 
@@ -281,7 +281,7 @@ PARTS = {
 
 
 def make(parts: dict) -> Positional:
-    from trainers.recipe import strict_model_for, to_dataclass  # the recipe path: nested dicts -> dataclasses
+    from llm_limits.trainers.recipe.schema import strict_model_for, to_dataclass  # the recipe path: nested dicts -> dataclasses
 
     return Positional(to_dataclass(PositionalConfig, strict_model_for(PositionalConfig).model_validate(parts)))
 

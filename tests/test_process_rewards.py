@@ -8,9 +8,9 @@ import io
 import pytest
 import torch
 
-from mitigations import MITIGATIONS
-from mitigations.base import hooks_overridden
-from mitigations.process_rewards import (
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import hooks_overridden
+from llm_limits.mitigations.process_rewards import (
     LabelsConfig,
     ProcessRewards,
     ProcessRewardsConfig,
@@ -264,7 +264,7 @@ def test_config_errors_name_the_field():
 
 
 def test_recipe_entry_validates():
-    from trainers.recipe import strict_model_for, to_dataclass  # the recipe path: nested dicts -> dataclasses
+    from llm_limits.trainers.recipe.schema import strict_model_for, to_dataclass  # the recipe path: nested dicts -> dataclasses
 
     entry = {"reward": "process", "aggregate": "product", "labels": {"kind": "monte_carlo", "rollouts": 4}}
     cfg = to_dataclass(ProcessRewardsConfig, strict_model_for(ProcessRewardsConfig).model_validate(entry))

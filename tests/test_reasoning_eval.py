@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-import evals
-import evals.reasoning
-from evals import EVALS, EvalResult, LimitSpec, read_limit
-from evals.reasoning import (
+from llm_limits import evals
+import llm_limits.evals.reasoning
+from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.reasoning import (
     PRMScorer,
     ProcessReward,
     ProcessRewardConfig,
@@ -38,8 +38,8 @@ from evals.reasoning import (
     step_positions,
     _Sampler,
 )
-from evals.tasks import chains
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.tasks import chains
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

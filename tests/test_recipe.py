@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mitigations.noop import NoOpConfig
-from evals.positional_loss import PositionalLossConfig
-from trainers.errors import UserError
-from trainers.recipe import apply_overrides, load_recipe, validate_recipe
+from llm_limits.mitigations.noop import NoOpConfig
+from llm_limits.evals.positional_loss import PositionalLossConfig
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import apply_overrides, load_recipe, validate_recipe
 
 from tests.conftest import REPO
 
@@ -112,7 +112,7 @@ def test_missing_file_and_non_mapping(tmp_path, write_recipe):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_recipe_validates_and_opens_with_its_launch_line(path: Path):
     first = path.read_text().splitlines()[0]
-    launch = first.startswith("# llm-limits ") or (first.startswith("# torchrun ") and "-m trainers.cli train" in first)
+    launch = first.startswith("# llm-limits ") or (first.startswith("# torchrun ") and "-m llm_limits.trainers.cli train" in first)
     assert launch, f"{path}: first line must be its launch command"
     assert str(path.relative_to(REPO)) in first, f"{path}: the launch line must name this file"
     load_recipe(path, check_hardware=False)

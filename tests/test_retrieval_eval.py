@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import evals
-from evals import EVALS, EvalResult, LimitSpec, read_limit
-from evals.retrieval import (
+from llm_limits import evals
+from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.retrieval import (
     Retrieval,
     RetrievalConfig,
     answer_of,
@@ -20,8 +20,8 @@ from evals.retrieval import (
     first_fit,
     limit_floor,
 )
-from evals.tasks import kb
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.tasks import kb
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,10 +15,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evals.tasks import kb
-from trainers.errors import UserError
-from trainers.recipe import load_recipe
-from trainers.run import build, train
+from llm_limits.evals.tasks import kb
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import load_recipe
+from llm_limits.trainers.run import build, train
 
 from tests.conftest import REPO
 
@@ -107,7 +107,7 @@ def test_resume_loads_the_saved_index_and_ends_with_the_same_weights(tmp_path, m
     shutil.rmtree(crashed / "checkpoints" / "checkpoint-2")
     shutil.rmtree(crashed / "model")
 
-    import evals.retrievers as retrievers
+    import llm_limits.evals.retrievers as retrievers
 
     loaded: list[Path] = []
     real_load = retrievers.load_retriever

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from evals.retrievers import (
+from llm_limits.evals.retrievers import (
     RETRIEVERS,
     BM25Retriever,
     DenseRetriever,

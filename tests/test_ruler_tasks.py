@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from evals.tasks import TASKS, TaskDataError
-from evals.tasks import synthetic_text as st
-from evals.tasks.ruler import (
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks import synthetic_text as st
+from llm_limits.evals.tasks.ruler import (
     ALPHABET,
     TASK_NAMES,
     RulerConfig,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainers.errors import UserError
-from trainers.recipe import validate_recipe
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import validate_recipe
 
 from tests.conftest import REPO, TINY
 from tests.test_cli import run_cli
@@ -70,8 +70,8 @@ def test_trl_recipe_with_two_devices_launches_torchrun_itself(tmp_path, stage, o
     for (step, loss, norm), (_, ref_loss, ref_norm) in zip(got, ref):
         assert loss == pytest.approx(ref_loss, rel=1e-5), f"step {step}: loss {loss} vs one process {ref_loss}"
         assert norm == pytest.approx(ref_norm, rel=1e-5), f"step {step}: grad norm {norm} vs one process {ref_norm}"
-    from trainers.models import build_model
-    from trainers.tokenizers import build_char_tokenizer
+    from llm_limits.trainers.build.models import build_model
+    from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
     tok = build_char_tokenizer()
     model = build_model(path=str(run_dir / "model"), vocab_size=len(tok))  # whole weights, one process
@@ -132,11 +132,11 @@ def test_launch_checks_fail_before_any_process_starts(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("NODE_RANK", "1")
     resolved = validate_recipe(_recipe(backend="trl", num_nodes=2, devices=2, strategy="deepspeed_stage_2"), "r.yaml")
-    from trainers.launch import command
+    from llm_limits.trainers.launch import command
 
     cmd = command(resolved.recipe.trainer, ["train", "r.yaml"])
     assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "2", "--node_rank", "1",
-                       "--master_addr", "10.0.0.1", "--master_port", "29500", "-m", "trainers.cli", "train", "r.yaml"]
+                       "--master_addr", "10.0.0.1", "--master_port", "29500", "-m", "llm_limits.trainers.cli", "train", "r.yaml"]
     monkeypatch.setenv("WORLD_SIZE", "4")  # already under a launcher: nothing is re-launched
     assert command(resolved.recipe.trainer, ["train", "r.yaml"]) is None
 
@@ -144,7 +144,7 @@ def test_launch_checks_fail_before_any_process_starts(monkeypatch):
 def test_flash_attention_is_checked_before_anything_is_built(monkeypatch):
     """flash_attention_2 needs a CUDA GPU and the flash-attn package; transformers would say so only after the
     run's evals and data were built, with a traceback. On a GPU without the package: a one-line error naming it."""
-    import trainers.recipe as recipe_module
+    import llm_limits.trainers.recipe.schema as recipe_module
 
     r = _recipe(accelerator="auto")
     r["model"]["attn_implementation"] = "flash_attention_2"
@@ -160,7 +160,7 @@ def test_flash_attention_is_checked_before_anything_is_built(monkeypatch):
 
 
 def test_offload_goes_into_the_deepspeed_config():
-    from trainers.trl_backend import deepspeed_config
+    from llm_limits.trainers.backends.trl import deepspeed_config
 
     zero = deepspeed_config("deepspeed_stage_2", "optimizer")["zero_optimization"]
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and "offload_param" not in zero
@@ -183,8 +183,8 @@ def test_zero_offload_runs_with_two_processes(tmp_path, stage, offload):
     train = json.loads((run_dir / "results.json").read_text())["train"]
     assert train["zero_stage"] == stage and train["steps"] == 3
     assert train["zero_offload"] == {"optimizer": 1.0, "optimizer_and_params": 2.0}[offload]
-    from trainers.models import build_model
-    from trainers.tokenizers import build_char_tokenizer
+    from llm_limits.trainers.build.models import build_model
+    from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
     model = build_model(path=str(run_dir / "model"), vocab_size=len(build_char_tokenizer()))
     assert all(p.numel() > 0 for p in model.parameters())

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from evals.tasks import TASKS, TaskDataError
-from evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate, load_jsonl
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate, load_jsonl
 
 
 # --- generator ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import string
 import pytest
 import transformers
 
-from trainers.errors import UserError
-from trainers.tokenizers import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer, load_tokenizer
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.build.tokenizers import DEFAULT_ALPHABET, SPECIAL_TOKENS, build_char_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from evals.base import EvalResult, LimitSpec, compare
-from trainers.recipe import WandbSpec
-from trainers.tracking import RUN_ID_FILE, Tracker
+from llm_limits.evals.base import EvalResult, LimitSpec, compare
+from llm_limits.trainers.recipe.schema import WandbSpec
+from llm_limits.trainers.results.tracking import RUN_ID_FILE, Tracker
 
 from tests.conftest import REPO
 
@@ -53,9 +53,9 @@ _ONLINE = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
-from trainers.recipe import WandbSpec
-from trainers.tracking import Tracker
-from evals.base import EvalResult, LimitSpec
+from llm_limits.trainers.recipe.schema import WandbSpec
+from llm_limits.trainers.results.tracking import Tracker
+from llm_limits.evals.base import EvalResult, LimitSpec
 tracker = Tracker(WandbSpec(mode="online"), Path(sys.argv[1]), "unit", {"seed": 1})
 spec = LimitSpec(metric="loss", axis="position", axis_values=(16.0,), higher_is_better=False, limit="context")
 tracker.log_eval("context", EvalResult(eval="positional_loss", spec=spec, curve={16.0: 2.0}, limit_value=16.0,

@@ -15,20 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mitigations.process_rewards import ProcessRewards
-from mitigations.process_rewards.core import step_advantages
-from trainers.errors import UserError
-from trainers.recipe import validate_recipe
-from trainers.rewards import chain_outcome, chain_step_scores, injected_for
-from trainers.tokenizers import build_char_tokenizer
-from trainers.trl_backend import (
+from llm_limits.mitigations.process_rewards import ProcessRewards
+from llm_limits.mitigations.process_rewards.core import step_advantages
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import validate_recipe
+from llm_limits.trainers.build.rewards import chain_outcome, chain_step_scores, injected_for
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
+from llm_limits.trainers.backends.trl import (
     deepspeed_config,
     grpo_rows,
     prm_rows,
     process_advantages,
     training_kwargs,
 )
-from trainers.run import train
+from llm_limits.trainers.run import train
 
 from tests.conftest import REPO, TINY
 
@@ -149,7 +149,7 @@ def test_recipe_rules(tmp_path, change, message):
 def test_many_devices_launch_torchrun(tmp_path, monkeypatch):
     """Outside a launcher, a 2-device recipe becomes a torchrun command for the same arguments; under one (WORLD_SIZE
     set) the process trains itself."""
-    from trainers.run import launch_command
+    from llm_limits.trainers.run import launch_command
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     r = trl_recipe(tmp_path, "sft")
@@ -157,7 +157,7 @@ def test_many_devices_launch_torchrun(tmp_path, monkeypatch):
     path = write(tmp_path, r)
     cmd = launch_command(str(path), [], None, cli_args=["train", str(path)])
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    assert cmd[-4:] == ["-m", "trainers.cli", "train", str(path)]
+    assert cmd[-4:] == ["-m", "llm_limits.trainers.cli", "train", str(path)]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_command(str(path), [], None, cli_args=["train", str(path)]) is None
 
@@ -235,7 +235,7 @@ def test_prm_trains_a_token_classifier(tmp_path):
     r = trl_recipe(tmp_path, "prm")
     r["trainer"]["max_steps"] = 3
     run_dir = train(str(write(tmp_path, r)), progress=False, echo=lambda s: None)
-    from evals.reasoning import PRMScorer
+    from llm_limits.evals.reasoning import PRMScorer
 
     scorer = PRMScorer(str(run_dir / "model"))
     scores = scorer.score(["Q:3+4*2\n"], ["3+4=7\n7*2=4\nA:4"])
@@ -246,7 +246,7 @@ def test_prm_trains_a_token_classifier(tmp_path):
 
 def test_prm_on_monte_carlo_labels(tmp_path):
     """Math-Shepherd labels from a completer model (here an untrained one, saved to disk) feed the PRM trainer."""
-    from trainers.models import build_model, save_model
+    from llm_limits.trainers.build.models import build_model, save_model
 
     tok = build_char_tokenizer()
     completer = build_model("llama", TINY["model"]["config"], vocab_size=len(tok), pad_token_id=tok.pad_token_id,
@@ -257,7 +257,7 @@ def test_prm_on_monte_carlo_labels(tmp_path):
     r["mitigations"] = [{"name": "process_rewards", "labels": {
         "kind": "monte_carlo", "rollouts": 2, "completer_path": str(tmp_path / "completer"), "max_new_tokens": 8}}]
     resolved = validate_recipe(r, "r.yaml")
-    from trainers.run import build
+    from llm_limits.trainers.run import build
 
     built, train_ds, _ = build(resolved)
     # an untrained completer rarely reaches the gold answer: MC labels are mostly 0, unlike the verifier's
@@ -285,7 +285,7 @@ def test_zero2_two_processes_on_cpu(tmp_path):
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "trainers.cli", "train", str(path)],
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "llm_limits.trainers.cli", "train", str(path)],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -296,7 +296,7 @@ def test_zero2_two_processes_on_cpu(tmp_path):
     shards = sorted(p.name for p in (runs[0] / "checkpoints").glob("checkpoint-3/global_step3/*"))
     assert [s for s in shards if s.startswith("zero_pp_rank_")] == [  # both ranks' ZeRO shards, in this run's folder
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    from trainers.models import build_model
+    from llm_limits.trainers.build.models import build_model
 
     tok = build_char_tokenizer()
     model = build_model(path=str(runs[0] / "model"), vocab_size=len(tok))  # loads back in a single process

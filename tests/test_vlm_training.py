@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from evals import vlm
-from trainers import vlm as tvlm
-from trainers.errors import UserError
-from trainers.lightning_backend import CausalLMModule, build_trainer
-from trainers.recipe import validate_recipe
-from trainers.run import build, train
+from llm_limits.evals import vlm
+from llm_limits.trainers.build import vlm as tvlm
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+from llm_limits.trainers.recipe.schema import validate_recipe
+from llm_limits.trainers.run import build, train
 
 from tests.conftest import REPO
 from tests.vlm_fixtures import tiny_vlm
@@ -165,7 +165,7 @@ def test_each_arm_runs_two_steps_with_its_eval(arm, tmp_path):
 
 
 def test_a_saved_vision_model_is_evaluated_from_its_run_directory(tmp_path):
-    from trainers.run import evaluate
+    from llm_limits.trainers.run import evaluate
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(shrunk("siglip", tmp_path)))

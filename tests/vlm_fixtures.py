@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
-from evals.vlm import IMAGE_TOKEN
-from trainers.tokenizers import build_char_tokenizer
+from llm_limits.evals.vlm import IMAGE_TOKEN
+from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 
 def tiny_tokenizer() -> Any:

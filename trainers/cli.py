@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -85,7 +85,7 @@ def train(
 ) -> None:
     """Validate -> build -> eval before -> train -> eval after -> report, into runs/<name>/<time>/."""
     _quiet_libraries()
-    from trainers import run
+    from llm_limits.trainers import run
 
     args = list(overrides or [])
     if resume is not None and recipe is not None:
@@ -105,7 +105,7 @@ def train(
         _fail(e)
     except OSError as e:
         _disk_full(e)
-    from trainers.lightning_backend import is_rank_zero
+    from llm_limits.trainers.backends.lightning import is_rank_zero
 
     if is_rank_zero():
         _print_summary(out)
@@ -132,7 +132,7 @@ def eval_(
 ) -> None:
     """Run a recipe's evals alone: on the untrained model, a run's trained model, or a checkpoint."""
     _quiet_libraries()
-    from trainers import run
+    from llm_limits.trainers import run
 
     try:
         out = run.evaluate(target, list(overrides or []), checkpoint=checkpoint, progress=not no_progress, echo=console.print)
@@ -154,7 +154,7 @@ def ablate(
 ) -> None:
     """Run a recipe over a grid x seeds (one run directory per arm; finished arms are skipped), then compare."""
     _quiet_libraries()
-    from trainers.ablate import run_ablation
+    from llm_limits.trainers.results.ablate import run_ablation
 
     try:
         root = run_ablation(recipe, list(grid or []), seeds=seeds, jobs=jobs, out=out, dry_run=dry_run,
@@ -174,7 +174,7 @@ def compare(
 ) -> None:
     """Before/after/delta per arm with 95% bootstrap intervals over seeds; each arm against the control."""
     _quiet_libraries()
-    from trainers import compare as cmp
+    from llm_limits.trainers.results import compare as cmp
 
     try:
         out_dir = cmp.compare([Path(t) for t in targets], Path(out) if out else None, control=control,
@@ -190,7 +190,7 @@ def compare(
 @app.command()
 def validate(recipes: list[str] = typer.Argument(..., help="Recipe YAML files (shell globs welcome).")) -> None:
     """Check recipes against the schema without building anything; exit 2 if any fails."""
-    from trainers.recipe import load_recipe
+    from llm_limits.trainers.recipe.schema import load_recipe
 
     failed = 0
     for path in recipes:
@@ -201,7 +201,7 @@ def validate(recipes: list[str] = typer.Argument(..., help="Recipe YAML files (s
             err_console.print(f"error: {e}", markup=False, soft_wrap=True)
             continue
         first = Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
-        launch = first.startswith("# llm-limits ") or (first.startswith("# torchrun ") and "-m trainers.cli " in first)
+        launch = first.startswith("# llm-limits ") or (first.startswith("# torchrun ") and "-m llm_limits.trainers.cli " in first)
         note = "" if launch else "  (warning: first line is not its launch command)"
         console.print(f"ok: {path}{note}", markup=False)
     if failed:
@@ -213,8 +213,8 @@ def validate(recipes: list[str] = typer.Argument(..., help="Recipe YAML files (s
 @app.command("ls")
 def ls() -> None:
     """List the recipes, mitigations and evals, one line each."""
-    from evals import EVALS
-    from mitigations import MITIGATIONS
+    from llm_limits.evals import EVALS
+    from llm_limits.mitigations import MITIGATIONS
 
     rows: list[tuple[str, str, str, str]] = []
     root = recipes_dir()
@@ -238,7 +238,7 @@ def recipes_dir() -> Path:
 
 
 def _print_summary(out_dir: Path) -> None:
-    from trainers.report import limit_rows, read_results
+    from llm_limits.trainers.results.report import limit_rows, read_results
 
     results = read_results(out_dir / "results.json")
     table = Table(title=f"{results['name']}: limits before and after", box=None)

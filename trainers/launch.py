@@ -3,7 +3,7 @@ under ``torchrun`` (``python -m torch.distributed.run``) with the same arguments
 rendezvous every node agrees on. The Lightning backend starts its DDP ranks itself (Lightning's launcher), so only the
 rendezvous and device checks apply to it.
 
-Single node: ``torchrun --nproc_per_node <devices> --master_port <free port> -m trainers.cli train ...``.
+Single node: ``torchrun --nproc_per_node <devices> --master_port <free port> -m llm_limits.trainers.cli train ...``.
 Several nodes (``trainer.num_nodes > 1``): every node runs ``llm-limits train`` with ``MASTER_ADDR``, ``MASTER_PORT``
 and ``NODE_RANK`` set (``scripts/multinode.sh`` and ``scripts/slurm.sbatch`` set them), and each becomes
 ``torchrun --nnodes <num_nodes> --node_rank <NODE_RANK> --master_addr <MASTER_ADDR> --master_port <MASTER_PORT>
@@ -17,7 +17,7 @@ import socket
 import sys
 from typing import Any
 
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 """What every node of a multi-node run must have in its environment."""
@@ -51,7 +51,7 @@ def command(trainer: Any, cli_args: list[str]) -> list[str] | None:
                 "--master_addr", os.environ["MASTER_ADDR"], "--master_port", os.environ["MASTER_PORT"]]
     else:
         cmd += ["--master_port", str(free_port())]
-    return cmd + ["-m", "trainers.cli", *cli_args]
+    return cmd + ["-m", "llm_limits.trainers.cli", *cli_args]
 
 
 def free_port() -> int:

@@ -17,22 +17,22 @@ import lightning as L
 import torch
 import yaml
 
-from evals import EVALS
-from evals.base import Eval, EvalResult, compare
-from mitigations import MITIGATIONS
-from mitigations.base import Mitigation
-from trainers import vlm
-from trainers.data import build_loaders, loaders
-from trainers.errors import UserError
-from trainers.lightning_backend import CausalLMModule, build_trainer, fit, is_rank_zero, last_good_checkpoint
-from trainers.models import apply_lora, build_model, count_parameters, save_model
-from trainers.recipe import ResolvedRecipe, load_recipe
-from trainers.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
-from trainers import trl_backend
-from trainers.retrieval import INDEX_DIR
-from trainers.rewards import injected_for
-from trainers.tokenizers import load_tokenizer
-from trainers.tracking import Tracker
+from llm_limits.evals import EVALS
+from llm_limits.evals.base import Eval, EvalResult, compare
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.mitigations.base import Mitigation
+from llm_limits.trainers.build import vlm
+from llm_limits.trainers.build.data import build_loaders, loaders
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer, fit, is_rank_zero, last_good_checkpoint
+from llm_limits.trainers.build.models import apply_lora, build_model, count_parameters, save_model
+from llm_limits.trainers.recipe.schema import ResolvedRecipe, load_recipe
+from llm_limits.trainers.results.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
+from llm_limits.trainers.backends import trl as trl_backend
+from llm_limits.trainers.build.retrieval import INDEX_DIR
+from llm_limits.trainers.build.rewards import injected_for
+from llm_limits.trainers.build.tokenizers import load_tokenizer
+from llm_limits.trainers.results.tracking import Tracker
 
 RUN_DIR_ENV = "LLM_LIMITS_RUN_DIR"
 """Set by rank 0 before training so processes a launcher starts later write into the same run directory."""
@@ -281,7 +281,7 @@ def launch_command(recipe_path: str | None, overrides: list[str], resume: str | 
     """The launcher command that re-runs this ``train`` in ``trainer.devices x trainer.num_nodes`` processes, or
     ``None`` to train in this process (:mod:`trainers.launch`). Validates the recipe (schema and this machine's
     devices) first, so a bad recipe or too many devices fail here, before any process starts."""
-    from trainers import launch
+    from llm_limits.trainers import launch
 
     if launch.under_launcher():
         return None

@@ -7,18 +7,18 @@ class TaskDataError(ValueError):
 
 
 # Imported after TaskDataError: the task modules import it from this package.
-from evals.tasks import synthetic_text  # noqa: E402
-from evals.tasks.synthetic_text import SyntheticTextConfig  # noqa: E402
-from evals.tasks import ruler  # noqa: E402
-from evals.tasks.ruler import RulerConfig  # noqa: E402
-from evals.tasks import chains  # noqa: E402
-from evals.tasks.chains import ChainsConfig  # noqa: E402
-from evals.tasks import kb  # noqa: E402
-from evals.tasks.kb import KBConfig  # noqa: E402
-from evals.tasks import digits  # noqa: E402
-from evals.tasks.digits import DigitsConfig  # noqa: E402
-from evals.tasks import shapes  # noqa: E402
-from evals.tasks.shapes import ShapesConfig  # noqa: E402
+from llm_limits.evals.tasks import synthetic_text  # noqa: E402
+from llm_limits.evals.tasks.synthetic_text import SyntheticTextConfig  # noqa: E402
+from llm_limits.evals.tasks import ruler  # noqa: E402
+from llm_limits.evals.tasks.ruler import RulerConfig  # noqa: E402
+from llm_limits.evals.tasks import chains  # noqa: E402
+from llm_limits.evals.tasks.chains import ChainsConfig  # noqa: E402
+from llm_limits.evals.tasks import kb  # noqa: E402
+from llm_limits.evals.tasks.kb import KBConfig  # noqa: E402
+from llm_limits.evals.tasks import digits  # noqa: E402
+from llm_limits.evals.tasks.digits import DigitsConfig  # noqa: E402
+from llm_limits.evals.tasks import shapes  # noqa: E402
+from llm_limits.evals.tasks.shapes import ShapesConfig  # noqa: E402
 
 TASKS = {
     "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),

@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.tasks import TaskDataError
-from evals.tasks.jsonl import json_objects, json_type
+from llm_limits.evals.tasks import TaskDataError
+from llm_limits.evals.tasks.jsonl import json_objects, json_type
 
 TASK = "image_folder"
 """``task`` of every record."""

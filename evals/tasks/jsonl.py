@@ -11,7 +11,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Iterator
 
-from evals.tasks import TaskDataError
+from llm_limits.evals.tasks import TaskDataError
 
 
 def json_objects(path: str | PathLike, expected: str) -> Iterator[tuple[str, dict]]:

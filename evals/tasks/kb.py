@@ -91,8 +91,8 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Iterable
 
-from evals.tasks import TaskDataError
-from evals.tasks.jsonl import json_objects, json_type
+from llm_limits.evals.tasks import TaskDataError
+from llm_limits.evals.tasks.jsonl import json_objects, json_type
 
 TASK = "kb_qa"
 """``task`` of every record."""

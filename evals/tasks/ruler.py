@@ -54,10 +54,10 @@ from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 
-from evals.tasks import TaskDataError
-from evals.tasks import synthetic_text
-from evals.tasks.jsonl import json_objects, json_type
-from evals.tasks.synthetic_text import SyntheticTextConfig
+from llm_limits.evals.tasks import TaskDataError
+from llm_limits.evals.tasks import synthetic_text
+from llm_limits.evals.tasks.jsonl import json_objects, json_type
+from llm_limits.evals.tasks.synthetic_text import SyntheticTextConfig
 
 TASK_NAMES = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 """The sub-tasks :class:`RulerConfig` ``task`` may name."""

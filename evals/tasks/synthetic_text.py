@@ -16,8 +16,8 @@ import random
 from dataclasses import dataclass
 from os import PathLike
 
-from evals.tasks import TaskDataError
-from evals.tasks.jsonl import json_objects, json_type
+from llm_limits.evals.tasks import TaskDataError
+from llm_limits.evals.tasks.jsonl import json_objects, json_type
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 """Every character :func:`generate` can emit, and no other: lowercase letters, space, ``.``, ``,`` and newline."""

@@ -1,4 +1,4 @@
-from mitigations.bounded_retrieval.core import (
+from llm_limits.mitigations.bounded_retrieval.core import (
     CANDIDATE_MARGIN,
     TARGET_KINDS,
     build_record,
@@ -9,7 +9,7 @@ from mitigations.bounded_retrieval.core import (
     place_in_order,
     target_kind,
 )
-from mitigations.bounded_retrieval.mitigation import INJECTED, BoundedRetrieval, BoundedRetrievalConfig
+from llm_limits.mitigations.bounded_retrieval.mitigation import INJECTED, BoundedRetrieval, BoundedRetrievalConfig
 
 __all__ = [
     "CANDIDATE_MARGIN",

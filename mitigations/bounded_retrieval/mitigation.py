@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from mitigations.base import Mitigation, MitigationConfig
-from mitigations.bounded_retrieval.core import build_record, exact_mask
+from llm_limits.mitigations.base import Mitigation, MitigationConfig
+from llm_limits.mitigations.bounded_retrieval.core import build_record, exact_mask
 
 ORACLE_FREE_TARGETS = ("answer", "abstain")
 CONFLICT_TARGETS = ("flag", "answer")
@@ -68,13 +68,13 @@ class BoundedRetrievalConfig(MitigationConfig):
     quote_evidence: bool = True
     """Completions quote the oracle passages as ``E:`` lines before ``A:`` (RAFT's chain-of-thought target)."""
     retriever: Literal["bm25", "dense", "hybrid"] = "bm25"
-    """Which index the trainer searches for distractors (``trainers/retrieval.py``): ``bm25`` (bm25s), ``dense``
+    """Which index the trainer searches for distractors (``trainers/build/retrieval.py``): ``bm25`` (bm25s), ``dense``
     (MiniLM embeddings through sentence-transformers) or ``hybrid`` (reciprocal-rank fusion of both). Distractors are
     its best non-oracle passages for the question: hard negatives."""
     abstain_answer: str = "unknown"
-    """The answer word of an abstention (``evals.tasks.kb.ABSTAIN``)."""
+    """The answer word of an abstention (``llm_limits.evals.tasks.kb.ABSTAIN``)."""
     conflict_answer: str = "conflict"
-    """The answer word of a flagged conflict (``evals.tasks.kb.CONFLICT``)."""
+    """The answer word of a flagged conflict (``llm_limits.evals.tasks.kb.CONFLICT``)."""
 
     def __post_init__(self) -> None:
         for name in ("k", "budget_tokens", "poison_per_example"):

@@ -1,4 +1,4 @@
-from mitigations.crossmodal.core import (
+from llm_limits.mitigations.crossmodal.core import (
     LOGIT_SCALE_MAX,
     SCHEDULES,
     alignment,
@@ -10,7 +10,7 @@ from mitigations.crossmodal.core import (
     siglip,
     uniformity,
 )
-from mitigations.crossmodal.mitigation import ContrastiveParams, CrossModal, CrossModalConfig
+from llm_limits.mitigations.crossmodal.mitigation import ContrastiveParams, CrossModal, CrossModalConfig
 
 __all__ = [
     "LOGIT_SCALE_MAX",

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-from mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
-from mitigations.crossmodal.core import (
+from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.crossmodal.core import (
     LOGIT_SCALE_MAX,
     SCHEDULES,
     alignment,
@@ -141,7 +141,7 @@ class CrossModal(Mitigation):
     """Contrastive and modality-gap losses between pooled image and caption hidden states, plus answer balancing.
 
     Needs image batches (``pixel_values``, ``image_mask``, ``caption_input_ids``, ``caption_attention_mask``,
-    ``caption_group``; see ``trainers/vlm.py``) and the main forward's hidden states (``needs_hidden_states``).
+    ``caption_group``; see ``trainers/build/vlm.py``) and the main forward's hidden states (``needs_hidden_states``).
     Nothing is injected. The learnable temperature / bias live in :meth:`loss_module`, which the backend trains and
     checkpoints with the model, so :meth:`state_dict` has nothing extra to carry.
     """

@@ -1,4 +1,4 @@
-from mitigations.noop.core import identity
-from mitigations.noop.mitigation import NoOp, NoOpConfig
+from llm_limits.mitigations.noop.core import identity
+from llm_limits.mitigations.noop.mitigation import NoOp, NoOpConfig
 
 __all__ = ["NoOp", "NoOpConfig", "identity"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mitigations.base import Batch
+from llm_limits.mitigations.base import Batch
 
 
 def identity(batch: Batch) -> Batch:

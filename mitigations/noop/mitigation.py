@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
-from mitigations.noop.core import identity
+from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.noop.core import identity
 
 
 @dataclass

@@ -1,4 +1,4 @@
-from mitigations.positional.core import (
+from llm_limits.mitigations.positional.core import (
     balance_needles,
     count_keys,
     curriculum_seq_len,
@@ -9,7 +9,7 @@ from mitigations.positional.core import (
     ssmax_scale,
     truncate_batch,
 )
-from mitigations.positional.mitigation import (
+from llm_limits.mitigations.positional.mitigation import (
     BalancedConfig,
     LogScalingConfig,
     PoseConfig,

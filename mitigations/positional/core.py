@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from mitigations.base import Batch
+from llm_limits.mitigations.base import Batch
 
 SPAN_KEYS = ("context_start", "context_end", "needle_start", "needle_end")
 """The ``[batch]`` metadata keys of a structured (needle) row; -1 everywhere on plain LM rows."""

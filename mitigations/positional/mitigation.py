@@ -13,8 +13,8 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
-from mitigations.positional.core import (
+from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.positional.core import (
     CHUNK_LENGTHS,
     SCHEDULES,
     balance_needles,

@@ -1,4 +1,4 @@
-from mitigations.process_rewards.core import (
+from llm_limits.mitigations.process_rewards.core import (
     aggregate,
     best_of_n,
     char_ends_to_token_ends,
@@ -12,7 +12,7 @@ from mitigations.process_rewards.core import (
     normalize_group_step_rewards,
     step_advantages,
 )
-from mitigations.process_rewards.mitigation import LabelsConfig, ProcessRewards, ProcessRewardsConfig
+from llm_limits.mitigations.process_rewards.mitigation import LabelsConfig, ProcessRewards, ProcessRewardsConfig
 
 __all__ = [
     "LabelsConfig",

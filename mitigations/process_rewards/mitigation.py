@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
-from mitigations.base import Mitigation, MitigationConfig
-from mitigations.process_rewards.core import (
+from llm_limits.mitigations.base import Mitigation, MitigationConfig
+from llm_limits.mitigations.process_rewards.core import (
     AGGREGATES,
     TRL_KWARGS,
     completion_text,

@@ -17,7 +17,7 @@ def check_finite(loss: torch.Tensor, step: int) -> None:
     >>> check_finite(torch.tensor(float("nan")), 3)
     Traceback (most recent call last):
     ...
-    trainers.errors.UserError: train: the loss is nan at step 3; stopped before applying it (checkpoints/ holds the run up to its last save; lower trainer.lr or set trainer.grad_clip, then --resume)
+    llm_limits.trainers.recipe.errors.UserError: train: the loss is nan at step 3; stopped before applying it (checkpoints/ holds the run up to its last save; lower trainer.lr or set trainer.grad_clip, then --resume)
     """
     if not bool(torch.isfinite(loss.detach()).all()):
         raise UserError(

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from evals.tasks import TASKS, TaskDataError
-from evals.tasks.ruler import load_jsonl as ruler_load_jsonl
-from evals.tasks.synthetic_text import load_jsonl
-from trainers.errors import UserError
-from trainers.recipe import DataSpec
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks.ruler import load_jsonl as ruler_load_jsonl
+from llm_limits.evals.tasks.synthetic_text import load_jsonl
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import DataSpec
 
 
 class BlockDataset(Dataset):
@@ -317,7 +317,7 @@ def _check_params(spec: DataSpec, config_cls: type, params: dict[str, Any]) -> N
     """Unknown keys and wrong types in ``data.params``, checked against the task's config dataclass."""
     from pydantic import ValidationError
 
-    from trainers.recipe import _format_error, strict_model_for
+    from llm_limits.trainers.recipe.schema import _format_error, strict_model_for
 
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(params) - names)

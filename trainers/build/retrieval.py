@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 INDEX_DIR = "index"
 """The retriever's saved index, inside the run directory."""
@@ -32,7 +32,7 @@ question's other hop) still leaves enough."""
 def corpus_of(records: Sequence[dict[str, Any]], data_params: dict[str, Any] | None) -> tuple[list[str], list[str], Any]:
     """(passage ids, passage texts, the KnowledgeBase or None). Generated ``kb`` records: the KB rebuilt from
     ``data.params`` (the same ``kb_seed`` gives the same KB); user data: every distinct passage of the file."""
-    from evals.tasks import kb
+    from llm_limits.evals.tasks import kb
 
     if records and records[0].get("task") == kb.TASK and records[0].get("oracle_ids") is not None and data_params is not None \
             and any(r.get("oracle_ids") for r in records):
@@ -77,8 +77,8 @@ def retrieval_injected(
 ) -> dict[str, Any]:
     """Keyword arguments for ``BoundedRetrieval(config, **kwargs)``: the retriever searched once over all records'
     questions, and the task's rendering. ``index_dir``: a saved index to load instead of building one (``--resume``)."""
-    from evals.retrievers import RETRIEVERS, build_retriever, load_retriever
-    from evals.tasks import kb
+    from llm_limits.evals.retrievers import RETRIEVERS, build_retriever, load_retriever
+    from llm_limits.evals.tasks import kb
 
     kind = getattr(config, "retriever", "bm25")
     if kind not in RETRIEVERS:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evals.base import EvalResult
+from llm_limits.evals.base import EvalResult
 
 PHASES = ("before", "after")
 

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from evals import vlm
-from evals.tasks import TASKS, TaskDataError
-from trainers.data import RowDataset
-from trainers.errors import UserError
+from llm_limits.evals import vlm
+from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.trainers.build.data import RowDataset
+from llm_limits.trainers.recipe.errors import UserError
 
 VLM_MODEL_TYPES = ("llava",)
 """``model.model_type`` values built as vision-language models."""
@@ -86,7 +86,7 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
     import transformers
     from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
-    from trainers.models import DTYPES, _check_config_keys, _one_line, resolve_pretrained
+    from llm_limits.trainers.build.models import DTYPES, _check_config_keys, _one_line, resolve_pretrained
 
     path = checkpoint or model_spec.path
     kwargs: dict[str, Any] = {"dtype": DTYPES[model_spec.dtype]}
@@ -182,8 +182,8 @@ def load_image_records(spec: Any, seed: int) -> list[dict[str, Any]]:
     """The records of a multimodal data section: a task generator (``digits``, ``shapes``; ``data.params`` are its
     config fields, the recipe seed seeds it) or the user's image folder (``data.task: image_folder``, ``data.path``:
     the JSONL; ``data.params.root``: the dataset root, default the JSONL's folder)."""
-    from evals.tasks import image_folder
-    from trainers.data import _check_params
+    from llm_limits.evals.tasks import image_folder
+    from llm_limits.trainers.build.data import _check_params
 
     if spec.task == "image_folder" or spec.path is not None:
         if spec.path is None:

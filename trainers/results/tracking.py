@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from evals.base import EvalResult
-from trainers.recipe import WandbSpec
+from llm_limits.evals.base import EvalResult
+from llm_limits.trainers.recipe.schema import WandbSpec
 
 log = logging.getLogger(__name__)
 

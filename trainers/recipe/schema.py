@@ -25,10 +25,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from evals import EVALS
-from evals.tasks import TASKS
-from mitigations import MITIGATIONS
-from trainers.errors import UserError
+from llm_limits.evals import EVALS
+from llm_limits.evals.tasks import TASKS
+from llm_limits.mitigations import MITIGATIONS
+from llm_limits.trainers.recipe.errors import UserError
 
 
 class Strict(BaseModel):
@@ -493,7 +493,7 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
     elif t.devices > (os.cpu_count() or 1):
         raise UserError(f"{source}: trainer.devices: {t.devices} processes asked for but this machine has "
                         f"{os.cpu_count()} CPU cores (use at most that many)")
-    from trainers.launch import check_rendezvous
+    from llm_limits.trainers.launch import check_rendezvous
 
     check_rendezvous(t, source)
     if t.precision == "16-mixed" and on_cpu:

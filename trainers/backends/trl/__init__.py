@@ -17,7 +17,7 @@ Three algorithms (``trainer.trl.algorithm``):
   cross-entropy at each step end (:class:`PRMTrainer`; TRL removed its PRMTrainer after 1.13).
 
 DeepSpeed: ``trainer.strategy: deepspeed_stage_N`` hands a ZeRO config to the HF Trainer (``deepspeed=``), which runs on
-CPU too (gloo). Multi-process runs start under a launcher: ``torchrun --nproc_per_node 2 -m trainers.cli train R``.
+CPU too (gloo). Multi-process runs start under a launcher: ``torchrun --nproc_per_node 2 -m llm_limits.trainers.cli train R``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from evals.tasks.chains import STEP_SEP
-from evals.tasks.jsonl import json_objects
-from mitigations.base import Mitigation, StepContext
-from mitigations.process_rewards.core import char_ends_to_token_ends, step_advantages
-from trainers.checkpoints import last_good_checkpoint, write_manifest
-from trainers.errors import UserError, check_finite
-from trainers.recipe import DataSpec, Recipe, TrainerSpec
+from llm_limits.evals.tasks.chains import STEP_SEP
+from llm_limits.evals.tasks.jsonl import json_objects
+from llm_limits.mitigations.base import Mitigation, StepContext
+from llm_limits.mitigations.process_rewards.core import char_ends_to_token_ends, step_advantages
+from llm_limits.trainers.backends.checkpoints import last_good_checkpoint, write_manifest
+from llm_limits.trainers.recipe.errors import UserError, check_finite
+from llm_limits.trainers.recipe.schema import DataSpec, Recipe, TrainerSpec
 
 STATE_FILE = "llm_limits_state.json"
 """Written into every HF checkpoint folder: the mitigations' state and the training history (for ``--resume``)."""
@@ -59,8 +59,8 @@ def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[
     PRM800K-style, retrieval QA with oracle passages (ours, HotpotQA, RAFT: told apart by the first line's keys) or
     plain ``{"prompt", "completion"}`` lines) or from a task generator such as ``chains`` or ``kb``."""
     if spec.path is not None:
-        from evals.tasks import TaskDataError
-        from evals.tasks.chains import load_jsonl as chains_jsonl
+        from llm_limits.evals.tasks import TaskDataError
+        from llm_limits.evals.tasks.chains import load_jsonl as chains_jsonl
 
         try:
             first = next(iter(json_objects(spec.path, "expected a JSON object per line")))[1]
@@ -71,7 +71,7 @@ def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[
                         raise TaskDataError(f"{where}: expected string fields prompt and completion")
                     records.append(obj)
             elif {"oracle", "supporting_facts", "oracle_context"} & set(first):
-                from evals.tasks.kb import load_jsonl as kb_jsonl
+                from llm_limits.evals.tasks.kb import load_jsonl as kb_jsonl
 
                 records = kb_jsonl(spec.path)  # retrieval QA: ours, HotpotQA or RAFT (evals/tasks/kb.py)
             else:
@@ -79,7 +79,7 @@ def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[
         except TaskDataError as e:
             raise UserError(f"data.path: {e}") from None
     else:
-        from trainers.data import load_records
+        from llm_limits.trainers.build.data import load_records
 
         records = load_records(spec, seed, tokenizer)
     if not records or "prompt" not in records[0] or "completion" not in records[0]:
@@ -117,7 +117,7 @@ def prm_rows(
     token that covers it, -100 elsewhere. ``target="process"``: each step's own label (the answer's is
     ``answer_correct``); ``"outcome"``: the final answer's correctness at every step end. Records with no labels, or
     longer than ``max_length`` tokens, are skipped; returns the rows and how many were skipped."""
-    from evals.reasoning import step_positions
+    from llm_limits.evals.reasoning import step_positions
 
     rows, skipped = [], 0
     for rec in records:
@@ -175,9 +175,9 @@ def monte_carlo_relabel(records: list[dict[str, Any]], cfg: Any, tokenizer: Any,
     (arXiv 2501.07301)."""
     from tqdm import tqdm
 
-    from evals.tasks.chains import check_answer, parse_completion
-    from mitigations.process_rewards.core import consensus, math_shepherd_labels
-    from trainers.models import build_model
+    from llm_limits.evals.tasks.chains import check_answer, parse_completion
+    from llm_limits.mitigations.process_rewards.core import consensus, math_shepherd_labels
+    from llm_limits.trainers.build.models import build_model
 
     if cfg.completer_path is None:
         raise UserError("mitigations: process_rewards.labels.completer_path: monte_carlo labels need a completer model "
@@ -303,7 +303,7 @@ def token_char_spans(tokenizer: Any, ids: list[int]) -> list[tuple[int, int]]:
     """Character span of each token in ``tokenizer.decode(ids, skip_special_tokens=True)``, found by decoding growing
     prefixes (exact for any tokenizer whose decode of a prefix is a prefix of the decode of the whole).
 
-    >>> from trainers.tokenizers import build_char_tokenizer
+    >>> from llm_limits.trainers.build.tokenizers import build_char_tokenizer
     >>> tok = build_char_tokenizer()
     >>> token_char_spans(tok, tok("ab\\nc")["input_ids"] + [tok.eos_token_id])
     [(0, 1), (1, 2), (2, 3), (3, 4), (4, 4)]

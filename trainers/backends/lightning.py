@@ -21,14 +21,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import get_scheduler
 
-from mitigations.base import MODEL_KEYS, Mitigation, StepContext
-from trainers import checkpoints
-from trainers.data import real_tokens
-from trainers.errors import UserError, check_finite
-from trainers.recipe import TrainerSpec
+from llm_limits.mitigations.base import MODEL_KEYS, Mitigation, StepContext
+from llm_limits.trainers.backends import checkpoints
+from llm_limits.trainers.build.data import real_tokens
+from llm_limits.trainers.recipe.errors import UserError, check_finite
+from llm_limits.trainers.recipe.schema import TrainerSpec
 
 # Mid-epoch resume is exact here: the train sampler's position rides in the module's checkpoint state
-# (trainers/data.py ResumableRandomSampler), which Lightning cannot see, so its generic warning does not apply.
+# (trainers/build/data.py ResumableRandomSampler), which Lightning cannot see, so its generic warning does not apply.
 warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 FORWARD_KEYS = (*MODEL_KEYS, "pixel_values")
@@ -139,7 +139,7 @@ class CausalLMModule(L.LightningModule):
     def _is_accum_boundary(self, batch_idx: int) -> bool:
         return (batch_idx + 1) % self.spec.grad_accum == 0
 
-    # Validation is sharded under DDP (trainers.data.ShardSampler: each rank scores its own share of the rows, none
+    # Validation is sharded under DDP (llm_limits.trainers.build.data.ShardSampler: each rank scores its own share of the rows, none
     # twice) and its loss is exact: summed token losses and token counts are reduced over the ranks once per
     # validation, so ``val/loss`` is the mean over every validation token, whatever the batching or the world size.
     def on_validation_epoch_start(self) -> None:
@@ -178,8 +178,8 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.spec.stages:  # LLaVA-style stages: the parts this stage does not train get no update (trainers/vlm.py)
-            from trainers.vlm import drop_stage_grads, stage_at
+        if self.spec.stages:  # LLaVA-style stages: the parts this stage does not train get no update (trainers/build/vlm.py)
+            from llm_limits.trainers.build.vlm import drop_stage_grads, stage_at
 
             done = (self.tokens_seen / self.spec.max_tokens) if self.spec.max_tokens else self.global_step / max(1, self.spec.max_steps)
             stage = stage_at(self.spec.stages, done)

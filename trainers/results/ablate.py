@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import yaml
 
-from trainers.errors import UserError
-from trainers.recipe import load_recipe
-from trainers.report import write_atomic
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import load_recipe
+from llm_limits.trainers.results.report import write_atomic
 
 ABLATION_FILE = "ablation.json"
 
@@ -203,7 +203,7 @@ def run_ablation(
             shutil.rmtree(run_dir)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = run_dir.with_suffix(".log")
-        cmd = [sys.executable, "-m", "trainers.cli", "train", recipe, *arm.overrides, "--run-dir", str(run_dir),
+        cmd = [sys.executable, "-m", "llm_limits.trainers.cli", "train", recipe, *arm.overrides, "--run-dir", str(run_dir),
                "--no-progress"]
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode

@@ -30,8 +30,8 @@ from typing import Any, Iterable, NamedTuple
 
 import yaml
 
-from trainers.errors import UserError
-from trainers.report import PHASES, _key, _num, _save_fig, _signed, plot_grids, read_results, write_atomic
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.results.report import PHASES, _key, _num, _save_fig, _signed, plot_grids, read_results, write_atomic
 
 ABLATION_FILE = "ablation.json"
 RESULTS_FILE = "results.json"

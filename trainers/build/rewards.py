@@ -20,9 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from evals.tasks.chains import TASK as CHAIN_TASK
-from evals.tasks.chains import answer_follows, check_answer, parse_completion, step_end_offsets, verify_steps
-from trainers.errors import UserError
+from llm_limits.evals.tasks.chains import TASK as CHAIN_TASK
+from llm_limits.evals.tasks.chains import answer_follows, check_answer, parse_completion, step_end_offsets, verify_steps
+from llm_limits.trainers.recipe.errors import UserError
 
 
 def chain_outcome(prompts: Sequence[str], completions: Sequence[str], gold_answer: Sequence[str], **_: Any) -> list[float]:
@@ -75,7 +75,7 @@ def injected_for(
     if name == "bounded_retrieval":
         if records is None:
             return {}  # nothing to build: the mitigation only shapes training data
-        from trainers.retrieval import retrieval_injected
+        from llm_limits.trainers.build.retrieval import retrieval_injected
 
         return retrieval_injected(config, records=records, tokenizer=tokenizer, data_params=data_params, where=where,
                                   index_dir=index_dir)
@@ -87,7 +87,7 @@ def injected_for(
         if not (path / "config.json").is_file():
             raise UserError(f"{where}.prm_path: {config.prm_path} is not a model directory (expected config.json inside; "
                             "train one with trainer.trl.algorithm: prm)")
-        from evals.reasoning import PRMScorer
+        from llm_limits.evals.reasoning import PRMScorer
 
         scorer = PRMScorer(str(path), device=device)
         kwargs["score_steps"] = lambda prompts, completions, **_: scorer.score(list(prompts), list(completions))

@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedModel
 
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 

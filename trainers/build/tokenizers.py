@@ -13,7 +13,7 @@ import string
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from trainers.errors import UserError
+from llm_limits.trainers.recipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def load_tokenizer(
     if not path:
         raise UserError(f"{field_prefix}.path: required when kind is 'pretrained' (a local tokenizer directory)")
 
-    from trainers.models import resolve_pretrained  # local import: models.py is the heavier module
+    from llm_limits.trainers.build.models import resolve_pretrained  # local import: models.py is the heavier module
 
     source = resolve_pretrained(path, f"{field_prefix}.path", marker_files=_TOKENIZER_FILES, what="tokenizer")
     if trust_remote_code:

@@ -1,0 +1,1 @@
+"""The training backends (Lightning, TRL) behind one protocol, and what they share."""

@@ -1,0 +1,1 @@
+"""Builders: models, tokenizers, data, vision-language models, injected domain pieces."""

@@ -1,0 +1,1 @@
+"""The schema: typed recipe sections, overrides, one-line errors."""

@@ -1,0 +1,1 @@
+"""Results: the run report, comparisons across runs, ablations, tracking."""
