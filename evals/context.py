@@ -16,12 +16,12 @@ Around that one number it measures why the limit is where it is:
   crowding measurement: with N distractor keys whose logits stay within a fixed margin of the needle's, the needle's
   share of a softmax falls like ``1 / N`` unless its logit margin grows like ``ln N``, so the curve shows whether
   retrieval fails because attention is spread over the haystack;
-- ``series["position_loss"]``: the :class:`~evals.positional_loss.PositionalLoss` curve up to the largest length
-  (is the model even trained at those positions?).
+- ``series["position_loss"]``: the ``positional_loss`` eval's curve (:class:`~evals.positional_loss.PositionalLoss`)
+  up to the largest length (is the model even trained at those positions?).
 
-Everything the numbers depend on is a pure function (:func:`cut_prediction`, :func:`left_pad`,
+Everything the numbers depend on is a pure function (:func:`cut_prediction`, :func:`evals.lm.left_pad`,
 :func:`needle_token_mask`, :func:`needle_attention_mass`, :func:`depth_averaged`, :func:`effective_length`), and the
-model-facing pieces are plain functions a benchmark can call on its own (:func:`greedy_decode`,
+model-facing pieces are plain functions a benchmark can call on its own (:func:`evals.lm.greedy_decode`,
 :func:`score_records`, :func:`needle_attention`); :class:`Context` only builds the grid and calls them.
 
 Batching: prompts are sorted by token length and batched in that order (length bucketing), so most batches need no
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -43,13 +42,8 @@ import torch
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, read_limit
-from llm_limits.evals.positional_loss import (
-    MAX_UNK_FRACTION,
-    PositionalLoss,
-    PositionalLossConfig,
-    position_range,
-    unk_fraction,
-)
+from llm_limits.evals.lm import (MAX_UNK_FRACTION, accepts, decode_texts, eval_mode, has_rope, left_pad, length_buckets,
+                                 pad_id, position_range, unk_fraction)
 from llm_limits.evals.tasks import TASKS
 from llm_limits.evals.tasks.ruler import TASK_NAMES, load_jsonl, prompt_text
 
@@ -138,37 +132,6 @@ def is_correct(continuation: str, answer: str) -> bool:
     return cut_prediction(continuation, answer) == answer.strip()
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists into ``(input_ids, attention_mask, position_ids)``, each ``[batch, max_len]``.
-
-    Real tokens are right-aligned, so column ``-1`` is every row's last token; ``position_ids`` count real tokens only
-    (pads get 0), so a padded row sees the positions it would see alone.
-
-    >>> ids, mask, pos = left_pad([[5, 6, 7], [8]], pad_id=0)
-    >>> ids.tolist(), mask.tolist(), pos.tolist()
-    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]], [[0, 1, 2], [0, 0, 0]])
-    """
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if len(seq):
-            ids[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of at most ``batch_size`` after a stable sort by length, so equal lengths share a
-    batch and padding stays small.
-
-    >>> length_buckets([5, 3, 5, 3, 4], 2)
-    [[1, 3], [4, 0], [2]]
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def needle_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[Sequence[int]]) -> list[bool]:
     """Which tokens carry a needle: token ``i`` covering characters ``[a, b)`` is a needle token when it overlaps a
     span ``[s, e)`` (both in the same text's character offsets). Zero-width tokens (special tokens) never are.
@@ -239,100 +202,14 @@ def effective_length(curve: Mapping[float, float], threshold: float) -> float:
     return read_limit(curve, threshold, higher_is_better=True)
 
 
-def has_rope(model_config: Any) -> bool:
-    """Whether a model config declares rotary position embeddings (which extrapolate past ``max_position_embeddings``,
-    however badly), as opposed to a learned table with a hard end (gpt2's ``n_positions``)."""
-    if getattr(model_config, "position_embedding_type", None) == "rotary":
-        return True
-    return any(getattr(model_config, attr, None) is not None
-               for attr in ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct"))
-
-
 # --- model-facing functions ------------------------------------------------------------------------------------------
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int, *, stop_ids: Sequence[int] = (),
-    device: str = "cpu",
-) -> list[list[int]]:
-    """Greedy continuations of one batch of prompts (token id lists), each cut before its first ``stop_ids`` token.
-
-    Prompts of different lengths are left padded (:func:`left_pad`); the model gets ``attention_mask`` and, when its
-    ``forward`` takes them, ``position_ids``. With a KV cache only the new token is fed after the first step; a model
-    that returns no ``past_key_values`` gets the whole sequence again.
-    """
-    ids, mask, pos = (t.to(device) for t in left_pad(prompts, pad_id))  # [batch, seq] each
-    takes_positions = _accepts(model, "position_ids")
-    past, step_ids, step_pos = None, ids, pos
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    new, done = [], torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        kwargs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": mask, "use_cache": True}
-        if takes_positions:
-            kwargs["position_ids"] = step_pos
-        if past is not None:
-            kwargs["past_key_values"] = past
-        out = model(**kwargs)
-        nxt = out.logits[:, -1].argmax(-1)  # [batch]
-        new.append(nxt)
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()):
-            break
-        # the new token's position is the row's last position + 1 (pads never advance it)
-        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-        past = getattr(out, "past_key_values", None)
-        step_ids, step_pos = (ids, pos) if past is None else (ids[:, -1:], pos[:, -1:])
-    rows = torch.stack(new, 1).tolist()  # [batch, steps]
-    stop_set = set(stop_ids)
-    return [row[: next((j for j, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    return [t for t in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None))
-            if isinstance(t, int)]
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        if isinstance(getattr(tokenizer, attr, None), int):
-            return getattr(tokenizer, attr)
-    return 0  # masked out anyway
-
-
 def predict_records(
     model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int, max_new_tokens: int,
     device: str = "cpu",
 ) -> list[str]:
     """Decoded greedy continuations of ``prompt_text(record)`` (tokenized without special tokens), in record order,
     computed in length-bucketed batches of at most ``batch_size`` (``batch_size=1``: one prompt at a time)."""
-    prompts = [tokenizer(prompt_text(r), add_special_tokens=False)["input_ids"] for r in records]
-    out: list[str] = [""] * len(prompts)
-    with _eval_mode(model):
-        for batch in length_buckets([len(p) for p in prompts], batch_size):
-            new = greedy_decode(model, [prompts[i] for i in batch], max_new_tokens, _pad_id(tokenizer),
-                                stop_ids=_stop_ids(tokenizer), device=device)
-            for i, tokens in zip(batch, new):
-                out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    return out
+    return decode_texts(model, tokenizer, [prompt_text(r) for r in records], batch_size, max_new_tokens, device)
 
 
 def score_records(
@@ -400,15 +277,15 @@ def needle_attention(
         masks.append(needle)
         distractors.append(sum(in_context) - sum(n and c for n, c in zip(needle, in_context)))
     masses = [0.0] * len(records)
-    with _eval_mode(model), eager_attention(model) as eager:
+    with eval_mode(model), eager_attention(model) as eager:
         if not eager:
             return None
         for batch in length_buckets([len(p) for p in prompts], batch_size):
-            ids, mask, pos = left_pad([prompts[i] for i in batch], _pad_id(tokenizer))  # [batch, seq] each
+            ids, mask, pos = left_pad([prompts[i] for i in batch], pad_id(tokenizer))  # [batch, seq] each
             needle = left_pad([masks[i] for i in batch], 0)[0].bool()  # [batch, seq]; pads are not needle
             kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
                                       "output_attentions": True, "use_cache": False}
-            if _accepts(model, "position_ids"):
+            if accepts(model, "position_ids"):
                 kwargs["position_ids"] = pos.to(device)
             attentions = model(**kwargs).attentions
             if not attentions or any(a is None for a in attentions):
@@ -607,7 +484,12 @@ class Context(Eval):
             notes.append(f"position_loss skipped: the longest length {top} holds fewer than 2 buckets of "
                          f"{c.position_loss_bucket} tokens")
             return
-        pl = PositionalLoss(PositionalLossConfig(
+        # the positional_loss eval, looked up by its registry name as a recipe names it: evals do not import each
+        # other, and the registry is imported here because it imports this module
+        from llm_limits.evals import EVALS
+
+        positional_loss = EVALS["positional_loss"]
+        pl = positional_loss(positional_loss.Config(
             seq_len=seq_len, bucket_size=c.position_loss_bucket, reference_buckets=min(2, buckets - 1),
             num_examples=c.examples_per_cell * len(c.depths), batch_size=c.batch_size, seed=c.seed,
         ))

@@ -42,20 +42,9 @@ import torch
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.context import _eval_mode, _pad_id, length_buckets
-from llm_limits.evals.retrieval import (
-    RETRIEVER_KINDS,
-    answer_of,
-    build_retriever,
-    check_kb_spelling,
-    check_positions,
-    count_tokens,
-    kb_config,
-    rate,
-    sample_distractors,
-    validate_kb_fields,
-)
-from llm_limits.evals.reasoning import decode_texts
+from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
+                                 count_tokens, decode_texts, eval_mode, kb_config, length_buckets, pad_id, rate,
+                                 sample_distractors, validate_kb_fields)
 from llm_limits.evals.tasks import kb
 
 RAG_MODES = ("retrieved", "same_attribute")
@@ -213,7 +202,7 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
 
 def answer_span(completion: str) -> tuple[int, int, bool] | None:
     """``(start, end, newline)`` of the answer of a completion: characters ``[start, end)`` after the ``A:`` of its
-    :func:`first_answer_line`, and whether a newline closes that line. ``None``: no answer line.
+    :func:`evals.lm.first_answer_line`, and whether a newline closes that line. ``None``: no answer line.
 
     >>> answer_span("E:none\\nA:teln\\nQ:"), answer_span("A:teln"), answer_span("E:none")
     ((9, 13, True), (2, 6, False), None)
@@ -348,8 +337,8 @@ def answer_confidences(
         encoded.append((ids, first) if first < len(ids) else None)
     out = [math.nan] * len(encoded)
     todo = [i for i, e in enumerate(encoded) if e is not None]
-    pad = _pad_id(tokenizer)
-    with _eval_mode(model):
+    pad = pad_id(tokenizer)
+    with eval_mode(model):
         for batch in length_buckets([len(encoded[i][0]) for i in todo], batch_size):
             rows = [todo[j] for j in batch]
             width = max(len(encoded[i][0]) for i in rows)

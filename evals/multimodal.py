@@ -61,9 +61,7 @@ from tqdm import tqdm
 
 from llm_limits.evals import vlm
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series
-from llm_limits.evals.context import _eval_mode
-from llm_limits.evals.positional_loss import position_range, unk_fraction
-from llm_limits.evals.reasoning import _spells
+from llm_limits.evals.lm import eval_mode, position_range, spells, unk_fraction
 
 TASK_NAMES = ("shapes", "digits", "image_folder")
 
@@ -666,7 +664,7 @@ class Multimodal(Eval):
         records = data.qa + data.items + data.traps + data.pairs
         text = "".join(dict.fromkeys(ch for r in records for t in (r["question"], r["caption"], *r["choices"])
                                      for ch in t))
-        if unk_fraction(tokenizer, text) > 0 or not _spells(tokenizer, text):
+        if unk_fraction(tokenizer, text) > 0 or not spells(tokenizer, text):
             raise ValueError(f"multimodal: the tokenizer cannot spell the {c.task} records' text "
                              f"(questions, captions, choices: {text!r})")
         text_config = getattr(model.config, "text_config", model.config)
@@ -738,7 +736,7 @@ class Multimodal(Eval):
         with gradients off, then summarise."""
         spec = self.spec()
         data = self.data()
-        with _eval_mode(model):
+        with eval_mode(model):
             m = self.measure(model, tokenizer, data, progress=progress)
         curve, limit, threshold, scalars, series, notes = summarize(self.config, data, m)
         return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=float(threshold),

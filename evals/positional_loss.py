@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, read_limit
+from llm_limits.evals.lm import MAX_UNK_FRACTION, position_range, unk_fraction
 from llm_limits.evals.tasks import TASKS
 from llm_limits.evals.tasks.synthetic_text import load_jsonl
-
-MAX_UNK_FRACTION = 0.01
-"""The largest fraction of the task's characters a tokenizer may map to its unknown token (see ``check``)."""
 
 
 @dataclass
@@ -140,33 +138,6 @@ def positional_limit(
         notes.append(f"every bucket is within {tolerance:.0%} of the reference loss {reference:.3f}: the limit is the "
                      f"whole eval length {xs[-1]:g}; a longer seq_len may measure further")
     return limit, threshold, reference, notes
-
-
-def unk_fraction(tokenizer: Any, text: str) -> float:
-    """Fraction of the characters of ``text`` that ``tokenizer`` maps to its unknown token (0 if it has none).
-
-    Fast tokenizers count the characters each unknown token covers (from offsets); others count one character per
-    unknown token.
-    """
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None or not text:
-        return 0.0
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        covered = sum(end - start for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]) if tok == unk)
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        covered = tokenizer(text, add_special_tokens=False)["input_ids"].count(unk)
-    return covered / len(text)
-
-
-def position_range(model_config: Any) -> int | None:
-    """The number of positions a model config declares (``max_position_embeddings``, or gpt2's ``n_positions``);
-    ``None`` when it declares none."""
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(model_config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 # --- the eval --------------------------------------------------------------------------------------------------------

@@ -37,9 +37,9 @@ Everything the numbers depend on is a pure function (:func:`cut_after_answer`, :
 :func:`mediation_outcome`, :func:`step_start`, :func:`early_answer_prompt`, :func:`early_answer_bucket`,
 :func:`filler_prompt`, :func:`first_flagged`, :func:`processbench_f1`, :func:`majority_vote`, :func:`pick_best`,
 :func:`best_of_n_accuracy`, :func:`roc_auc`);
-decoding reuses :func:`evals.context.greedy_decode` (left padding, position ids that skip the pads, KV cache), and
+decoding reuses :func:`evals.lm.greedy_decode` (left padding, position ids that skip the pads, KV cache), and
 sampling is that same decoder on a model whose last logits are replaced by a one-hot of a seeded sample
-(:class:`_Sampler`), so both share one batching path.
+(:class:`evals.lm.Sampler`), so both share one batching path.
 """
 
 from __future__ import annotations
@@ -49,15 +49,14 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.context import _accepts, _eval_mode, _pad_id, _stop_ids, greedy_decode, has_rope, length_buckets
-from llm_limits.evals.positional_loss import position_range, unk_fraction
+from llm_limits.evals.lm import (Sampler, decode_texts, eval_mode, has_rope, length_buckets, pad_id, position_range,
+                                 spells, unk_fraction)
 from llm_limits.evals.tasks import chains
 from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP, ChainsConfig
 
@@ -482,8 +481,8 @@ class PRMScorer:
             raise ValueError(f"reasoning: {len(prompts)} prompts for {len(completions)} completions")
         encoded = [step_positions(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         out: list[list[float]] = [[] for _ in encoded]
-        pad = _pad_id(self.tokenizer)
-        with _eval_mode(self.model):
+        pad = pad_id(self.tokenizer)
+        with eval_mode(self.model):
             for batch in length_buckets([len(ids) for ids, _ in encoded], self.batch_size):
                 batch = [i for i in batch if encoded[i][1] and encoded[i][0]]
                 if not batch:
@@ -504,41 +503,6 @@ class PRMScorer:
 
 
 # --- model-facing functions ------------------------------------------------------------------------------------------
-class _Sampler(torch.nn.Module):
-    """Wraps a causal LM so that :func:`greedy_decode` samples: the last position's logits are replaced by a one-hot
-    of a token drawn from ``softmax(logits / temperature)`` with a seeded ``torch.Generator``. The KV cache passes
-    through, so decoding costs what greedy decoding costs."""
-
-    def __init__(self, model: Any, temperature: float, generator: torch.Generator):
-        super().__init__()
-        self.model, self.temperature, self.generator = model, temperature, generator
-
-    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        if not _accepts(self.model, "position_ids"):
-            kwargs.pop("position_ids", None)
-        out = self.model(input_ids=input_ids, **kwargs)
-        last = out.logits[:, -1].float() / self.temperature  # [batch, vocab]
-        drawn = torch.multinomial(last.softmax(-1), 1, generator=self.generator)  # [batch, 1]
-        one_hot = torch.zeros_like(last).scatter_(1, drawn, 1.0)
-        return SimpleNamespace(logits=one_hot[:, None, :], past_key_values=getattr(out, "past_key_values", None))
-
-
-def decode_texts(
-    model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int, device: str = "cpu",
-    *, sampler: _Sampler | None = None,
-) -> list[str]:
-    """Decoded continuations of text prompts (tokenized without special tokens), in prompt order, in length-bucketed
-    left-padded batches; greedy, or sampled through ``sampler``. Each stops at EOS/pad or ``max_new_tokens``."""
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    out = [""] * len(prompts)
-    runner = model if sampler is None else sampler
-    with _eval_mode(model):
-        for batch in length_buckets([len(p) for p in encoded], batch_size):
-            new = greedy_decode(runner, [encoded[i] for i in batch], max_new_tokens, _pad_id(tokenizer),
-                                stop_ids=_stop_ids(tokenizer), device=device)
-            for i, tokens in zip(batch, new):
-                out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    return out
 
 
 def sample_completions(
@@ -546,10 +510,10 @@ def sample_completions(
     temperature: float, seed: int, device: str = "cpu",
 ) -> list[str]:
     """``n`` sampled completions per prompt, prompt-major (prompt ``i``'s at ``i * n`` to ``i * n + n - 1``), each cut
-    after its answer line (:func:`cut_after_answer`): :func:`decode_texts` through a :class:`_Sampler` seeded with
+    after its answer line (:func:`cut_after_answer`): :func:`decode_texts` through a :class:`Sampler` seeded with
     ``seed``, so the same model, prompts and seed give the same samples."""
     repeated = [p for p in prompts for _ in range(n)]
-    sampler = _Sampler(model, temperature, torch.Generator(device=device).manual_seed(seed))
+    sampler = Sampler(model, temperature, torch.Generator(device=device).manual_seed(seed))
     return [cut_after_answer(t) for t in
             decode_texts(model, tokenizer, repeated, batch_size, max_new_tokens, device, sampler=sampler)]
 
@@ -590,8 +554,8 @@ def first_errors(
 
 def _check_spelling(tokenizer: Any, text: str, where: str) -> None:
     """Raise the one-line ``ValueError`` of a tokenizer that cannot spell the chains task (``text``: a sample)."""
-    missing = [ch for ch in dict.fromkeys(TASK_ALPHABET + text) if not _spells(tokenizer, ch)]
-    if missing or unk_fraction(tokenizer, text) > 0 or not _spells(tokenizer, text):
+    missing = [ch for ch in dict.fromkeys(TASK_ALPHABET + text) if not spells(tokenizer, ch)]
+    if missing or unk_fraction(tokenizer, text) > 0 or not spells(tokenizer, text):
         what = f" (missing: {''.join(missing)!r})" if missing else ""
         raise ValueError(f"{where}: the tokenizer cannot spell the chains task{what}; use a tokenizer that "
                          f"covers digits, '+-*=' and 'Q:A\\n'")
@@ -856,12 +820,6 @@ class Reasoning(Eval):
     def _answer_tokens(self, tokenizer: Any) -> int:
         """Tokens to decode after a forced ``A:``: the longest answer's tokens and the line end, plus one."""
         return len(tokenizer(str(self.config.modulus - 1), add_special_tokens=False)["input_ids"]) + 2
-
-
-def _spells(tokenizer: Any, text: str) -> bool:
-    """Whether ``text`` survives an encode/decode round trip (spaces a decoder adds between tokens ignored)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == text.replace(" ", "")
 
 
 # --- the reward-model eval -------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ The limit (issue #5): a model answering from retrieved context is bounded by wha
 reads it. This eval builds a knowledge base with the ``kb`` task (``evals/tasks/kb.py``: passages such as
 ``home of Vokar is teln.``, questions ``home of Vokar?``), asks ``examples`` questions about it with the oracle passage
 in the context, and adds distractor passages. The curve is answer accuracy (:func:`kb.answer_matches` of the first
-answer line, :func:`answer_of`) against the number of distractors; the limit is the largest count up to which every
-count keeps accuracy at or above ``threshold`` (:func:`evals.base.read_limit`), and -1 when even the oracle alone (0
-distractors) falls short. The same questions are asked at every point, each with its oracle at a uniformly random
-slot, so the points differ only in the distractors.
+answer line, :func:`evals.lm.answer_of`) against the number of distractors; the limit is the largest count up to
+which every count keeps accuracy at or above ``threshold`` (:func:`evals.base.read_limit`), and -1 when even the
+oracle alone (0 distractors) falls short. The same questions are asked at every point, each with its oracle at a
+uniformly random slot, so the points differ only in the distractors.
 
 By default the knowledge base is one no training recipe uses (``kb_seed`` 1000003): the facts cannot be remembered,
 so the answer has to be read off the context. Setting ``kb_seed`` (and the other KB fields) to the training recipe's
@@ -32,7 +32,7 @@ Around the curve:
 
 Every number comes from pure functions of the contexts and the completions (:func:`build_cases`, :func:`score_cases`,
 :func:`summarize`); the model is reached through one method, :meth:`Retrieval.answer` (greedy decoding through
-:func:`evals.reasoning.decode_texts`), so the metrics are tested with scripted answerers.
+:func:`evals.lm.decode_texts`), so the metrics are tested with scripted answerers.
 """
 
 from __future__ import annotations
@@ -45,15 +45,14 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.positional_loss import position_range, unk_fraction
-from llm_limits.evals.reasoning import _spells, decode_texts
+from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
+                                 count_tokens, decode_texts, kb_config, rate, sample_distractors, validate_kb_fields)
 from llm_limits.evals.tasks import kb
 
 EVAL_KB_SEED = 1_000_003
 """The default ``kb_seed`` of the retrieval eval: a knowledge base no training recipe uses by default."""
 
 DISTRACTOR_MODES = ("retrieved", "same_attribute", "random")
-RETRIEVER_KINDS = ("bm25", "dense", "hybrid")
 
 PARTS = ("distractors", "budget", "position", "poison", "negative")
 """The context families of the eval, in the order they are built and answered."""
@@ -157,80 +156,7 @@ def _check_counts(values: Any, name: str, where: str, *, minimum: int, allow_emp
         raise ValueError(f"{where}: {name} must be strictly ascending (got {values})")
 
 
-# --- helpers both KB evals share -------------------------------------------------------------------------------------
-def kb_config(c: Any, where: str) -> kb.KBConfig:
-    """The ``kb.KBConfig`` of an eval config's KB fields (``kb_seed``, ``num_entities``, ``attributes``,
-    ``values_per_attribute``, ``zipf``); its one-line errors come back starting with ``where`` instead of ``kb``."""
-    try:
-        return kb.KBConfig(kb_seed=c.kb_seed, num_entities=c.num_entities, attributes=list(c.attributes),
-                           values_per_attribute=c.values_per_attribute, zipf=c.zipf)
-    except (TypeError, ValueError) as err:
-        message = str(err)
-        raise ValueError(f"{where}: {message[4:] if message.startswith('kb: ') else message}") from None
-
-
-def validate_kb_fields(c: Any, where: str) -> None:
-    """Check the KB fields of an eval config (``kb.KBConfig``'s own validation, reworded for the eval)."""
-    if not isinstance(c.attributes, (list, tuple)):
-        raise ValueError(f"{where}: attributes must be a list (got {c.attributes!r})")
-    kb_config(c, where)
-
-
-def first_answer_line(text: str) -> str:
-    """A completion up to the end of its first answer line (the first line that starts with ``A:`` after stripping);
-    the whole text when it has none. What a model writes after its answer (another question) is not its answer.
-
-    >>> first_answer_line("E:home of Vokar is teln.\\nA:teln\\nQ:job of Vokar?\\nA:cook")
-    'E:home of Vokar is teln.\\nA:teln'
-    >>> first_answer_line("E:none\\n")
-    'E:none\\n'
-    """
-    pos = 0
-    for line in text.split("\n"):
-        if line.strip().startswith(kb.ANSWER_PREFIX):
-            return text[: pos + len(line)]
-        pos += len(line) + 1
-    return text
-
-
-def answer_of(completion: str) -> str | None:
-    """The answer a completion gives: :func:`kb.parse_answer` of its :func:`first_answer_line` (``None``: no
-    answer line)."""
-    return kb.parse_answer(first_answer_line(completion))
-
-
-def check_kb_spelling(tokenizer: Any, text: str, where: str) -> None:
-    """Raise the one-line ``ValueError`` of a tokenizer that cannot spell the kb task (``text``: a sample prompt and
-    completion; every character of :data:`kb.KB_ALPHABET` is checked too)."""
-    missing = [ch for ch in dict.fromkeys(kb.KB_ALPHABET + text) if not _spells(tokenizer, ch)]
-    if missing or unk_fraction(tokenizer, text) > 0 or not _spells(tokenizer, text):
-        what = f" (missing: {''.join(missing)!r})" if missing else ""
-        raise ValueError(f"{where}: the tokenizer cannot spell the kb task{what}; use a tokenizer that covers "
-                         f"kb.KB_ALPHABET (letters, digits, space and '.:?\\n')")
-
-
-def check_positions(
-    model: Any, longest: int, max_new_tokens: int, where: str, what: str, field_name: str | None,
-) -> None:
-    """Raise a one-line ``ValueError`` when the model's position range cannot hold the longest prompt (``longest``
-    tokens, described by ``what``) plus ``max_new_tokens``, naming ``field_name`` (and ``max_new_tokens``) as the
-    fields to lower.
-
-    Rotary models are held to their declared range too: past it an answer measures length extrapolation, not
-    reading."""
-    n_pos = position_range(getattr(model, "config", None))
-    needed = longest + max_new_tokens
-    if n_pos is not None and needed > n_pos:
-        raise ValueError(f"{where}: the longest prompt ({longest} tokens, {what}) plus max_new_tokens={max_new_tokens} "
-                         f"needs {needed} positions but the model's position range is {n_pos}; lower "
-                         f"{field_name + ' or ' if field_name else ''}max_new_tokens")
-
-
-def count_tokens(tokenizer: Any, text: str) -> int:
-    """Tokens of ``text`` without special tokens."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
+# --- functional core -------------------------------------------------------------------------------------------------
 def passage_line(passage: str) -> str:
     """A passage as a prompt holds it: ``P:{passage}\\n`` (the unit the budgets count).
 
@@ -240,45 +166,6 @@ def passage_line(passage: str) -> str:
     return f"{kb.PASSAGE_PREFIX}{passage}\n"
 
 
-def rate(flags: Sequence[bool]) -> float:
-    """Mean of booleans (NaN when empty)."""
-    return sum(map(bool, flags)) / len(flags) if flags else math.nan
-
-
-def build_retriever(kind: str, knowledge: kb.KnowledgeBase) -> Any:
-    """A retriever of ``kind`` over every passage of ``knowledge`` (ids ``entity/attribute``)."""
-    from llm_limits.evals import retrievers  # bm25s / sentence-transformers load only when an eval builds contexts
-
-    ids = list(knowledge.passages)
-    return retrievers.build_retriever(kind, ids, [knowledge.passages[i] for i in ids])
-
-
-def sample_distractors(
-    mode: str, n: int, record: Mapping[str, Any], knowledge: kb.KnowledgeBase, ranked_ids: Sequence[str],
-    rng: random.Random,
-) -> list[str]:
-    """``n`` distractor passage ids for a question (never its oracle ids), best first for ``retrieved`` (the ranked
-    search results minus the oracles, topped up with random passages if the retriever returned too few), random for
-    ``same_attribute`` (the asked attribute, other entities) and ``random`` (any passage)."""
-    oracle = set(record["oracle_ids"])
-    if mode == "retrieved":
-        chosen = [i for i in ranked_ids if i not in oracle][:n]
-    elif mode == "same_attribute":
-        pool = [knowledge.passage_id(e, record["attribute"]) for e in knowledge.entities]
-        pool = [i for i in pool if i not in oracle and i in knowledge.passages]
-        return rng.sample(pool, min(n, len(pool)))
-    elif mode == "random":
-        chosen = []
-    else:
-        raise ValueError(f"retrieval: unknown distractor_mode {mode!r}")
-    if len(chosen) < n:
-        taken = oracle | set(chosen)
-        pool = [i for i in knowledge.passages if i not in taken]
-        chosen += rng.sample(pool, min(n - len(chosen), len(pool)))
-    return chosen
-
-
-# --- functional core -------------------------------------------------------------------------------------------------
 def first_fit(token_counts: Sequence[int], budget: int) -> list[int]:
     """Indices of the passages (in rank order) that a ``budget``-token context holds: whole passages only, each taken
     when it still fits, skipped otherwise (a shorter one further down may still fit).

@@ -22,13 +22,13 @@ from llm_limits.evals.context import (
     cut_prediction,
     depth_averaged,
     effective_length,
-    greedy_decode,
     is_correct,
     needle_attention,
     needle_attention_mass,
     predict_records,
     score_records,
 )
+from llm_limits.evals.lm import greedy_decode
 from llm_limits.evals.tasks.ruler import RulerConfig, generate, prompt_text
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 

@@ -14,16 +14,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from llm_limits import evals
 import llm_limits.evals.base
+import llm_limits.evals.lm
 import llm_limits.evals.positional_loss
 from llm_limits.evals import EVALS, EvalResult, LimitSpec, compare, read_limit
 from llm_limits.evals.base import passes
+from llm_limits.evals.lm import unk_fraction
 from llm_limits.evals.positional_loss import (
     PositionalLoss,
     PositionalLossConfig,
     bucket_means,
     positional_limit,
     token_nll,
-    unk_fraction,
 )
 from llm_limits.evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate
 
@@ -88,7 +89,7 @@ class PeekingModel(torch.nn.Module):
 
 
 # --- evals/base.py ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module", [evals.base, evals.positional_loss])
+@pytest.mark.parametrize("module", [evals.base, evals.lm, evals.positional_loss])
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -23,7 +23,6 @@ from llm_limits.evals.reasoning import (
     Reasoning,
     ReasoningConfig,
     cut_after_answer,
-    decode_texts,
     early_answer_bucket,
     early_answer_prompt,
     filler_prompt,
@@ -36,8 +35,8 @@ from llm_limits.evals.reasoning import (
     sample_counts,
     score_chain,
     step_positions,
-    _Sampler,
 )
+from llm_limits.evals.lm import Sampler, decode_texts
 from llm_limits.evals.tasks import chains
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
@@ -278,7 +277,7 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(tokenizer):
     state = torch.random.get_rng_state()
 
     def sample(seed):
-        sampler = _Sampler(model, 1.0, torch.Generator().manual_seed(seed))
+        sampler = Sampler(model, 1.0, torch.Generator().manual_seed(seed))
         return decode_texts(model, tokenizer, prompts, 4, 8, sampler=sampler)
 
     first = sample(0)

@@ -12,14 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llm_limits import evals
 from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
-from llm_limits.evals.retrieval import (
-    Retrieval,
-    RetrievalConfig,
-    answer_of,
-    arrange,
-    first_fit,
-    limit_floor,
-)
+from llm_limits.evals.lm import answer_of
+from llm_limits.evals.retrieval import Retrieval, RetrievalConfig, arrange, first_fit, limit_floor
 from llm_limits.evals.tasks import kb
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
