@@ -5,7 +5,8 @@ from llm_limits.evals.context import Context
 from llm_limits.evals.hallucination import Hallucination
 from llm_limits.evals.multimodal import Multimodal
 from llm_limits.evals.positional_loss import PositionalLoss
-from llm_limits.evals.reasoning import ProcessReward, Reasoning
+from llm_limits.evals.prm import ProcessReward
+from llm_limits.evals.reasoning import Reasoning
 from llm_limits.evals.retrieval import Retrieval
 
 EVALS: dict[str, type[Eval]] = {

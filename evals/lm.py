@@ -9,6 +9,10 @@ imports only :mod:`evals.base`, this module, :mod:`evals.vlm`, :mod:`evals.retri
   :func:`left_pad` pads the rest on the left with position ids that skip the pads, :func:`greedy_decode` decodes one
   batch with the KV cache, :func:`decode_texts` runs it over text prompts, and :class:`Sampler` turns the same
   decoder into a seeded sampler;
+- the chains task's helpers the reasoning and prm evals share: their held-out and ProcessBench-style chains
+  (:func:`held_out_records`, :func:`processbench_records`), seeded best-of-N samples (:func:`sample_completions`), the
+  process reward model reader the PRM trainer uses too (:func:`step_positions`, :class:`PRMScorer`), and the scores
+  of its step predictions and of best-of-N (:func:`processbench_f1`, :func:`best_of_n_accuracy`);
 - the kb task's helpers the retrieval and hallucination evals share: the KB fields of their configs
   (:func:`kb_config`), the answer line of a completion (:func:`answer_of`), distractor passages
   (:func:`sample_distractors`).
@@ -19,13 +23,16 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 import random
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from llm_limits.evals.tasks import kb
+from llm_limits.evals.tasks import chains, kb
+from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP, ChainsConfig
 
 
 # --- models and tokenizers -------------------------------------------------------------------------------------------
@@ -237,6 +244,322 @@ def decode_texts(
                                 stop_ids=stop_ids(tokenizer), device=device)
             for i, tokens in zip(batch, new):
                 out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return out
+
+
+# --- the chains task: helpers the reasoning and prm evals share ------------------------------------------------------
+PRM_CORRUPTIONS = {"wrong_step": 0.25, "propagated": 0.25}
+"""Corruptions of the ProcessBench-style set: half the chains have one wrong step (a quarter with the right answer
+anyway, a quarter with the error carried to the answer), half are correct."""
+
+PRM_SEED_OFFSET = 100_000
+"""Added to the eval seed for the ProcessBench-style set, so its problems are not the accuracy set's."""
+
+CHAINS_ALPHABET = "0123456789+-*=Q:A\n"
+"""Characters a tokenizer must spell for the chain task."""
+
+
+def validate_chain_fields(c: Any, where: str) -> None:
+    """The checks :class:`evals.reasoning.ReasoningConfig` and :class:`evals.prm.ProcessRewardConfig` share (their
+    common fields), each a one-line ``ValueError`` starting with ``where`` and naming the field."""
+    if not c.lengths:
+        raise ValueError(f"{where}: lengths must not be empty")
+    if any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in c.lengths):
+        raise ValueError(f"{where}: lengths must be integers >= 1 (steps) (got {c.lengths})")
+    if any(b <= a for a, b in zip(c.lengths, c.lengths[1:])):
+        raise ValueError(f"{where}: lengths must be strictly ascending (got {c.lengths})")
+    if c.examples_per_length < 1:
+        raise ValueError(f"{where}: examples_per_length must be >= 1 (got {c.examples_per_length})")
+    if c.batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be >= 1 (got {c.batch_size})")
+    if c.modulus < 2:
+        raise ValueError(f"{where}: modulus must be >= 2 (got {c.modulus})")
+    if not c.ops or set(c.ops) - set(chains.OPS):
+        raise ValueError(f"{where}: ops must be a non-empty subset of {chains.OPS!r} (got {c.ops!r})")
+    if not 0.0 <= c.threshold <= 1.0:
+        raise ValueError(f"{where}: threshold must be within [0, 1] (got {c.threshold})")
+    if c.max_new_tokens < 1:
+        raise ValueError(f"{where}: max_new_tokens must be >= 1 (got {c.max_new_tokens})")
+    if not c.temperature > 0.0:
+        raise ValueError(f"{where}: temperature must be > 0 (got {c.temperature})")
+
+
+def cut_after_answer(text: str) -> str:
+    """A decoded completion up to the end of its answer line (the first line starting with ``A:`` after stripping,
+    the rule of :func:`chains.parse_completion`); the whole text when it has none.
+
+    What a model writes after its answer (another question, padding characters) is not part of its chain, and a
+    reward model should not read it.
+
+    >>> cut_after_answer("3+4=7\\nA:7\\nQ:1+1\\n")
+    '3+4=7\\nA:7'
+    >>> cut_after_answer(" A:12\\n")
+    ' A:12'
+    >>> cut_after_answer("3+4=7\\n7*")
+    '3+4=7\\n7*'
+    """
+    pos = 0
+    for line in text.split(STEP_SEP):
+        if line.strip().startswith(ANSWER_PREFIX):
+            return text[: pos + len(line)]
+        pos += len(line) + len(STEP_SEP)
+    return text
+
+
+def held_out_records(c: Any, length: int, where: str) -> list[dict]:
+    """The eval's held-out chain problems of one length (``c``: a config with ``examples_per_length``, ``modulus``,
+    ``ops`` and ``seed``), seeded ``seed + length``: the problems the ``reasoning`` eval measures accuracy on and both
+    evals sample best-of-N on."""
+    try:
+        return chains.generate(ChainsConfig(num_examples=c.examples_per_length, min_steps=length, max_steps=length,
+                                            modulus=c.modulus, ops=c.ops, seed=c.seed + length))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def processbench_records(c: Any, length: int, where: str) -> list[dict]:
+    """The ProcessBench-style chains of one length: ``examples_per_length`` problems written with the
+    :data:`PRM_CORRUPTIONS` (one wrong step, its error kept local or carried to the answer) or correctly, seeded
+    ``seed + PRM_SEED_OFFSET + length`` so they are not the :func:`held_out_records` problems."""
+    try:
+        return chains.generate(ChainsConfig(
+            num_examples=c.examples_per_length, min_steps=length, max_steps=length, modulus=c.modulus, ops=c.ops,
+            corruptions=dict(PRM_CORRUPTIONS), seed=c.seed + PRM_SEED_OFFSET + length))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def check_chains_spelling(tokenizer: Any, text: str, where: str) -> None:
+    """Raise the one-line ``ValueError`` of a tokenizer that cannot spell the chains task (``text``: a sample)."""
+    missing = [ch for ch in dict.fromkeys(CHAINS_ALPHABET + text) if not spells(tokenizer, ch)]
+    if missing or unk_fraction(tokenizer, text) > 0 or not spells(tokenizer, text):
+        what = f" (missing: {''.join(missing)!r})" if missing else ""
+        raise ValueError(f"{where}: the tokenizer cannot spell the chains task{what}; use a tokenizer that "
+                         f"covers digits, '+-*=' and 'Q:A\\n'")
+
+
+def sample_completions(
+    model: Any, tokenizer: Any, prompts: Sequence[str], n: int, *, batch_size: int, max_new_tokens: int,
+    temperature: float, seed: int, device: str = "cpu",
+) -> list[str]:
+    """``n`` sampled completions per prompt, prompt-major (prompt ``i``'s at ``i * n`` to ``i * n + n - 1``), each cut
+    after its answer line (:func:`cut_after_answer`): :func:`decode_texts` through a :class:`Sampler` seeded with
+    ``seed``, so the same model, prompts and seed give the same samples."""
+    repeated = [p for p in prompts for _ in range(n)]
+    sampler = Sampler(model, temperature, torch.Generator(device=device).manual_seed(seed))
+    return [cut_after_answer(t) for t in
+            decode_texts(model, tokenizer, repeated, batch_size, max_new_tokens, device, sampler=sampler)]
+
+
+def step_positions(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt + completion`` (no special tokens) and, for each entry of
+    ``chains.step_end_offsets(completion)`` (each step's closing ``\\n``, then the answer line's last character), the
+    index of the token covering character ``len(prompt) + offset`` (from ``return_offsets_mapping``).
+
+    A PRM is trained with its labels at exactly these positions and scored there (:class:`PRMScorer`). Where no token
+    covers the character (a tokenizer that drops it), the last token starting at or before it is used.
+    """
+    text = prompt + completion
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as err:
+        raise ValueError(f"reasoning: the reward model's tokenizer gives no offset mapping (use a fast tokenizer): "
+                         f"{err}") from None
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    positions = []
+    for off in chains.step_end_offsets(completion):
+        c = len(prompt) + off
+        pos = next((i for i, (a, b) in enumerate(offsets) if a <= c < b), None)
+        if pos is None:
+            starts = [i for i, (a, b) in enumerate(offsets) if b > a and a <= c]
+            pos = starts[-1] if starts else 0
+        positions.append(pos)
+    return ids, positions
+
+
+class PRMScorer:
+    """A process reward model: a ``transformers`` ``AutoModelForTokenClassification`` with ``num_labels=1``
+    (``sigmoid`` of the logit = P(step correct)) or ``2`` (``softmax[..., 1]``), scored at each step end.
+
+    ``path_or_model`` is a local directory (the model and its tokenizer are loaded from it, no remote code, and the
+    model moved to ``device``) or an already built model, then with its ``tokenizer`` (left where it is: it must
+    already be on ``device``, where its inputs go). An outcome reward model of the same kind is read at the last
+    position (the answer's).
+    """
+
+    def __init__(self, path_or_model: Any, tokenizer: Any = None, *, device: str = "cpu", batch_size: int = 16):
+        if isinstance(path_or_model, (str, os.PathLike)):
+            from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+            path = str(path_or_model)
+            if not os.path.isdir(path):
+                raise ValueError(f"reasoning: reward model directory {path} not found")
+            model = AutoModelForTokenClassification.from_pretrained(path, trust_remote_code=False).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False) if tokenizer is None else tokenizer
+        else:
+            model = path_or_model
+            if tokenizer is None:
+                raise ValueError("reasoning: PRMScorer needs the tokenizer of an already built model")
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if num_labels not in (1, 2):
+            raise ValueError(f"reasoning: a reward model needs num_labels 1 or 2 (got {num_labels})")
+        if batch_size < 1:
+            raise ValueError(f"reasoning: PRMScorer batch_size must be >= 1 (got {batch_size})")
+        self.model, self.tokenizer, self.device, self.batch_size = model, tokenizer, device, batch_size
+        self.num_labels = num_labels
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+        """Per ``(prompt, completion)`` pair: one probability per ``step_end_offsets`` entry (the steps, then the
+        answer). Batched by length with right padding (no generation, so the real tokens never see a pad)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"reasoning: {len(prompts)} prompts for {len(completions)} completions")
+        encoded = [step_positions(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
+        out: list[list[float]] = [[] for _ in encoded]
+        pad = pad_id(self.tokenizer)
+        with eval_mode(self.model):
+            for batch in length_buckets([len(ids) for ids, _ in encoded], self.batch_size):
+                batch = [i for i in batch if encoded[i][1] and encoded[i][0]]
+                if not batch:
+                    continue
+                width = max(len(encoded[i][0]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    n = len(encoded[i][0])
+                    ids[row, :n] = torch.as_tensor(encoded[i][0], dtype=torch.long)
+                    mask[row, :n] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logits = logits.float()  # [batch, seq, num_labels]
+                probs = torch.sigmoid(logits[..., 0]) if self.num_labels == 1 else logits.softmax(-1)[..., 1]
+                for row, i in enumerate(batch):
+                    out[i] = probs[row, encoded[i][1]].tolist()
+        return out
+
+
+def first_flagged(step_scores: Sequence[float], cut: float = 0.5) -> int:
+    """Index of the first step a PRM scores below ``cut`` (-1: none), the predicted first error.
+
+    >>> first_flagged([0.9, 0.3, 0.1]), first_flagged([0.9, 0.8]), first_flagged([])
+    (1, -1, -1)
+    """
+    return next((i for i, s in enumerate(step_scores) if s < cut), -1)
+
+
+def first_errors(
+    records: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[float]],
+) -> tuple[list[int], list[int]]:
+    """``(predicted, gold)`` first-error indices of scored ProcessBench-style records: :func:`first_flagged` over each
+    record's step scores (its last score is the answer's, not a step's) and the verifier's
+    :func:`chains.first_error`."""
+    pred = [first_flagged(s[:-1]) for s in scores]
+    gold = [chains.first_error(r["question"], r["steps"], r["modulus"]) for r in records]
+    return pred, gold
+
+
+def processbench_f1(pred: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
+    """ProcessBench's score of first-error predictions (-1: no error): ``acc_error``, exact-index accuracy on the
+    erroneous samples (gold >= 0); ``acc_correct``, accuracy on the correct ones (gold -1, predicted -1); ``f1``, their
+    harmonic mean (0 when both are 0). A side with no samples is NaN, and so is ``f1`` then.
+
+    >>> processbench_f1([1, -1, 2, -1], [1, 0, -1, -1])
+    {'f1': 0.5, 'acc_error': 0.5, 'acc_correct': 0.5}
+    >>> processbench_f1([0], [0])["acc_correct"]
+    nan
+    """
+    if len(pred) != len(gold):
+        raise ValueError(f"processbench_f1: {len(pred)} predictions for {len(gold)} gold labels")
+    err = [p == g for p, g in zip(pred, gold) if g >= 0]
+    ok = [p == -1 for p, g in zip(pred, gold) if g < 0]
+    acc_error = sum(err) / len(err) if err else math.nan
+    acc_correct = sum(ok) / len(ok) if ok else math.nan
+    if math.isnan(acc_error) or math.isnan(acc_correct):
+        f1 = math.nan
+    else:
+        f1 = 0.0 if acc_error + acc_correct == 0 else 2 * acc_error * acc_correct / (acc_error + acc_correct)
+    return {"f1": f1, "acc_error": acc_error, "acc_correct": acc_correct}
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean of ``values`` (NaN when empty)."""
+    return sum(values) / len(values) if values else math.nan
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most frequent parsed answer (``None``s do not vote); a tie goes to the one seen first.
+
+    >>> majority_vote(["3", "5", "5", "3", None, None, None]), majority_vote([None]), majority_vote(["7", "2"])
+    ('3', None, '7')
+    """
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == top)
+
+
+def pick_best(scores: Sequence[float]) -> int:
+    """Index of the highest score, the first on ties (NaN never wins; 0 when every score is NaN).
+
+    >>> pick_best([0.2, 0.9, 0.9]), pick_best([float("nan"), 0.1])
+    (1, 1)
+    """
+    best, best_score = 0, -math.inf
+    for i, s in enumerate(scores):
+        if s > best_score:
+            best, best_score = i, s
+    return best
+
+
+def best_of_n_accuracy(
+    records: Sequence[Mapping[str, Any]], answers: Sequence[str | None], n: int, k: int | None = None,
+    prm_scores: Sequence[Sequence[float]] | None = None, orm_scores: Sequence[Sequence[float]] | None = None,
+) -> dict[str, float]:
+    """Best-of-N accuracies over ``n`` samples per record (``answers`` record-major: record ``i``'s samples at
+    ``i * n`` to ``i * n + n - 1``), using the first ``k`` (default all ``n``) of each.
+
+    ``bon_majority`` (:func:`majority_vote`), ``bon_pass_at_n`` (any sample right), ``bon_first`` (the first sample),
+    and with scores ``bon_prm`` (the sample whose lowest score, steps and answer, is highest) and ``bon_orm`` (the
+    sample whose last score, the answer's, is highest). A sample with no answer line has no answer position and cannot
+    be right: a reward model never picks it before one that has.
+
+    >>> recs = [{"gold_answer": "3"}, {"gold_answer": "5"}]
+    >>> answers = ["1", "3", "3", None, "2", "5"]  # 3 samples each
+    >>> best_of_n_accuracy(recs, answers, 3)
+    {'bon_majority': 0.5, 'bon_pass_at_n': 1.0, 'bon_first': 0.0}
+    >>> best_of_n_accuracy(recs, answers, 3, k=1, prm_scores=[[0.9], [0.8], [0.1], [0.9], [0.8], [0.1]])
+    {'bon_majority': 0.0, 'bon_pass_at_n': 0.0, 'bon_first': 0.0, 'bon_prm': 0.0}
+    >>> best_of_n_accuracy(recs, answers, 3, prm_scores=[[0.2, 0.9], [0.8], [0.1], [0.9], [0.1], [0.8]])["bon_prm"]
+    1.0
+    """
+    k = n if k is None else k
+    if not 1 <= k <= n:
+        raise ValueError(f"best_of_n_accuracy: k must be within [1, {n}] (got {k})")
+    if len(answers) != n * len(records):
+        raise ValueError(f"best_of_n_accuracy: {len(answers)} answers for {len(records)} records x {n} samples")
+
+    def right(answer: str | None, r: Mapping[str, Any]) -> float:
+        return float(answer is not None and bool(chains.check_answer(answer, r["gold_answer"])))
+
+    majority, any_right, first, by_prm, by_orm = [], [], [], [], []
+    for i, r in enumerate(records):
+        group = slice(i * n, i * n + k)
+        ans = answers[group]
+        majority.append(right(majority_vote(ans), r))
+        any_right.append(max(right(a, r) for a in ans))
+        first.append(right(ans[0], r))
+        if prm_scores is not None:
+            picked = pick_best([min(s) if s and a is not None else -math.inf for s, a in zip(prm_scores[group], ans)])
+            by_prm.append(right(ans[picked], r))
+        if orm_scores is not None:
+            picked = pick_best([s[-1] if s and a is not None else -math.inf for s, a in zip(orm_scores[group], ans)])
+            by_orm.append(right(ans[picked], r))
+    out = {"bon_majority": mean(majority), "bon_pass_at_n": mean(any_right), "bon_first": mean(first)}
+    if prm_scores is not None:
+        out["bon_prm"] = mean(by_prm)
+    if orm_scores is not None:
+        out["bon_orm"] = mean(by_orm)
     return out
 
 

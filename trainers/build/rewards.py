@@ -87,7 +87,7 @@ def injected_for(
         if not (path / "config.json").is_file():
             raise UserError(f"{where}.prm_path: {config.prm_path} is not a model directory (expected config.json inside; "
                             "train one with trainer.trl.algorithm: prm)")
-        from llm_limits.evals.reasoning import PRMScorer
+        from llm_limits.evals.lm import PRMScorer
 
         scorer = PRMScorer(str(path), device=device)
         kwargs["score_steps"] = lambda prompts, completions, **_: scorer.score(list(prompts), list(completions))
