@@ -82,6 +82,7 @@ def lightning_arm(args, data) -> tuple[list[float], float]:
 
     from llm_limits.trainers.build.data import RowDataset
     from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+    from llm_limits.trainers.backends.hooks import HookDriver
     from llm_limits.trainers.recipe.schema import TrainerSpec
 
     model = make_model(args)
@@ -89,7 +90,7 @@ def lightning_arm(args, data) -> tuple[list[float], float]:
     spec = TrainerSpec(max_steps=steps, lr=1e-4, lr_schedule="constant", grad_clip=1.0, log_every=steps,
                        precision=args.precision, strategy=args.lightning_strategy, accelerator=args.accelerator,
                        devices=1)
-    module = CausalLMModule(model, [], spec)
+    module = CausalLMModule(model, HookDriver([]), spec)
     loader = torch.utils.data.DataLoader(RowDataset(data), batch_size=args.batch, shuffle=False)
     stamps: list[float] = []
 

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_limits.trainers.build.data import RowDataset  # noqa: E402
 from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer  # noqa: E402
+from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.build.models import build_model  # noqa: E402
 from llm_limits.trainers.recipe.schema import TrainerSpec  # noqa: E402
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer  # noqa: E402
@@ -79,7 +80,7 @@ def lightning(args, tok, rows) -> list[float]:
     model = make_model(args, tok)
     steps = args.steps + args.warmup
     spec = TrainerSpec(max_steps=steps, lr=1e-3, lr_schedule="constant", grad_clip=1.0, log_every=steps)
-    module = CausalLMModule(model, [], spec, tokenizer=tok)
+    module = CausalLMModule(model, HookDriver([]), spec)
     loader = torch.utils.data.DataLoader(RowDataset(rows), batch_size=args.batch, shuffle=False)
     stamps: list[float] = []
 

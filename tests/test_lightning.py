@@ -11,7 +11,8 @@ import torch
 from llm_limits.mitigations.base import Mitigation, MitigationConfig, StepContext
 from llm_limits.mitigations.noop import NoOp
 from llm_limits.trainers.recipe.errors import UserError
-from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+from llm_limits.trainers.backends.hooks import HookDriver
+from llm_limits.trainers.backends.lightning import CausalLMModule, LightningBackend, build_trainer
 from llm_limits.trainers.recipe.schema import validate_recipe
 from llm_limits.trainers.run import build
 
@@ -53,6 +54,13 @@ class Recorder(Mitigation):
         self.loaded = dict(state)
 
 
+def module_for(model, mitigations, spec):
+    """The module as a run builds it: the hook driver's setup (once), the backend's check, then the module."""
+    model, hooks = HookDriver.prepare(model, mitigations, max_tokens=spec.max_tokens)
+    LightningBackend(None).check(hooks)
+    return CausalLMModule(model, hooks, spec)
+
+
 def _built():
     resolved = validate_recipe(json.loads(json.dumps(TINY)), "tiny")
     built, train_loader, val_loader = build(resolved)
@@ -63,7 +71,7 @@ def test_every_hook_is_called_and_weights_train(tmp_path):
     resolved, built, train_loader, _ = _built()
     noop, rec = NoOp(), Recorder()
     before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
-    module = CausalLMModule(built.model, [noop, rec], resolved.recipe.trainer.model_copy(update={"max_steps": 3}))
+    module = module_for(built.model, [noop, rec], resolved.recipe.trainer.model_copy(update={"max_steps": 3}))
     trainer = build_trainer(module.spec, tmp_path, logger=None, has_val=False, progress=False)
     trainer.fit(module, train_dataloaders=train_loader)
 
@@ -84,7 +92,7 @@ def test_gradient_accumulation_and_bf16_on_cpu(tmp_path):
     resolved, built, train_loader, _ = _built()
     noop = NoOp()
     spec = resolved.recipe.trainer.model_copy(update={"max_steps": 2, "grad_accum": 2, "precision": "bf16-mixed"})
-    module = CausalLMModule(built.model, [noop], spec)
+    module = module_for(built.model, [noop], spec)
     trainer = build_trainer(spec, tmp_path, logger=None, has_val=False, progress=False)
     trainer.fit(module, train_dataloaders=train_loader)
     assert trainer.global_step == 2
@@ -101,7 +109,7 @@ def test_token_budget_stops_the_run_and_drives_the_lr(tmp_path):
     )
     rec = Recorder(RecorderConfig(weight=0.0))
     rec.transform_batch = lambda batch, ctx: (rec.contexts.append(ctx), batch)[1]  # keep full-length batches
-    module = CausalLMModule(built.model, [rec], spec)
+    module = module_for(built.model, [rec], spec)
     trainer = build_trainer(spec, tmp_path, logger=None, has_val=False, progress=False)
     trainer.fit(module, train_dataloaders=train_loader)
     assert trainer.global_step == 3 and module.tokens_seen == 3 * 8 * 32
@@ -112,21 +120,21 @@ def test_token_budget_stops_the_run_and_drives_the_lr(tmp_path):
 def test_disabled_mitigation_is_skipped():
     _, built, _, _ = _built()
     rec = Recorder(RecorderConfig(enabled=False))
-    module = CausalLMModule(built.model, [rec], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
-    assert module.mitigations == []
+    module = module_for(built.model, [rec], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
+    assert module.hooks.mitigations == []
 
 
 def test_mitigation_state_rides_in_checkpoints():
     _, built, _, _ = _built()
     rec = Recorder()
     rec.contexts = [None, None]  # type: ignore[list-item]
-    module = CausalLMModule(built.model, [rec], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
+    module = module_for(built.model, [rec], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
     ckpt: dict = {}
-    module.tokens_seen = 77
+    module.hooks.tokens_seen = 77
     module.on_save_checkpoint(ckpt)
     assert ckpt["llm_limits"]["mitigations"]["recorder"] == {"n": 2}
     fresh = Recorder()
-    module2 = CausalLMModule(built.model, [fresh], module.spec)
+    module2 = module_for(built.model, [fresh], module.spec)
     module2.on_load_checkpoint(ckpt)
     assert fresh.loaded == {"n": 2} and module2.tokens_seen == 77
 
@@ -137,7 +145,7 @@ def test_lora_trains_adapters_only(tmp_path):
     resolved = validate_recipe(data, "tiny")
     built, train_loader, _ = build(resolved)
     before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
-    module = CausalLMModule(built.model, [], resolved.recipe.trainer.model_copy(update={"max_steps": 2}))
+    module = module_for(built.model, [], resolved.recipe.trainer.model_copy(update={"max_steps": 2}))
     build_trainer(module.spec, tmp_path, None, has_val=False, progress=False).fit(module, train_dataloaders=train_loader)
     for n, p in module.model.named_parameters():
         moved = not torch.equal(p, before[n])
@@ -157,7 +165,7 @@ def test_reward_functions_are_refused_by_the_lm_backend():
 
     _, built, _, _ = _built()
     with pytest.raises(UserError, match="rewarder provides reward functions"):
-        CausalLMModule(built.model, [Rewarder()], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
+        module_for(built.model, [Rewarder()], validate_recipe(json.loads(json.dumps(TINY))).recipe.trainer)
 
 
 @pytest.mark.slow

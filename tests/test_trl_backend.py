@@ -21,6 +21,7 @@ from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.recipe.schema import validate_recipe
 from llm_limits.trainers.build.rewards import chain_outcome, chain_step_scores, injected_for
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
+from llm_limits.trainers.backends.hooks import STATE_FILE, HookDriver, load_state
 from llm_limits.trainers.backends.trl import (
     deepspeed_config,
     grpo_rows,
@@ -108,7 +109,7 @@ def test_process_advantages_match_deepseekmath_on_hand_made_group():
     mask = torch.tensor([[1] * len(e) + [0] * (n - len(e)) for e in enc])
     cols = {"question": ["1+2"] * 2, "gold_answer": ["3"] * 2, "modulus": [10] * 2, "task": ["arith_chain"] * 2}
     pr = ProcessRewards(ProcessRewards.Config(reward="step"), **injected_for("process_rewards", ProcessRewards.Config(reward="step"), where="m", task="arith_chain"))
-    adv, flat = process_advantages(tok, ids, mask, ["Q:1+2\n"] * 2, cols, [pr], 2, 0, lambda x: x)
+    adv, flat = process_advantages(tok, ids, mask, ["Q:1+2\n"] * 2, cols, HookDriver([pr]), 2, 0, lambda x: x)
     assert flat == [1.0, 1.0, 0.0, 0.0]
     # step ends: "\n" at char 5 and the answer's last char at 8 (tokens 5 and 8 with a character tokenizer)
     expected = step_advantages([[1.0, 1.0], [0.0, 0.0]], [[5, 8], [5, 8]], n, 2)
@@ -117,7 +118,7 @@ def test_process_advantages_match_deepseekmath_on_hand_made_group():
     assert torch.allclose(adv[0, 6:9], adv[0, 8].expand(3))  # tokens after the step's end share the answer's reward
     # a mitigation without step rewards leaves TRL's sequence-level advantages alone
     outcome = ProcessRewards(ProcessRewards.Config(reward="outcome"), **injected_for("process_rewards", ProcessRewards.Config(reward="outcome"), where="m", task="arith_chain"))
-    assert process_advantages(tok, ids, mask, ["Q:1+2\n"] * 2, cols, [outcome], 2, 0, lambda x: x) == (None, [])
+    assert process_advantages(tok, ids, mask, ["Q:1+2\n"] * 2, cols, HookDriver([outcome]), 2, 0, lambda x: x) == (None, [])
 
 
 def test_verifier_rewards():
@@ -191,7 +192,7 @@ def test_sft_trains_and_resumes_exactly(tmp_path):
     assert {"before", "after"} <= set(res["evals"]["reasoning"])
     ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
     assert [c.name for c in ckpts] == ["checkpoint-2", "checkpoint-4"]
-    assert json.loads((ckpts[0] / "llm_limits_state.json").read_text())["history"]
+    assert load_state(ckpts[0] / STATE_FILE)["history"]
     assert (run_dir.parent / "latest").resolve() == run_dir.resolve()
     assert not (run_dir / "model" / "training_args.bin").exists()
 
@@ -235,7 +236,7 @@ def test_prm_trains_a_token_classifier(tmp_path):
     r = trl_recipe(tmp_path, "prm")
     r["trainer"]["max_steps"] = 3
     run_dir = train(str(write(tmp_path, r)), progress=False, echo=lambda s: None)
-    from llm_limits.evals.reasoning import PRMScorer
+    from llm_limits.evals.lm import PRMScorer
 
     scorer = PRMScorer(str(run_dir / "model"))
     scores = scorer.score(["Q:3+4*2\n"], ["3+4=7\n7*2=4\nA:4"])

@@ -18,6 +18,7 @@ from llm_limits.evals import vlm
 from llm_limits.trainers.build import vlm as tvlm
 from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
+from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.recipe.schema import validate_recipe
 from llm_limits.trainers.run import build, train
 
@@ -78,7 +79,7 @@ def _module_and_loader(parts_frozen: list[str], stages: list[dict] | None = None
     recipe = {"name": "t", "model": {"model_type": "llava"}, "data": {"task": "synthetic_text"},
               "trainer": {"max_steps": steps, "lr": 1e-2, "stages": stages or []}}
     spec = validate_recipe(recipe, "t").recipe.trainer
-    return CausalLMModule(model, [], spec, tokenizer=tok), loader
+    return CausalLMModule(model, HookDriver([]), spec), loader
 
 
 def _snapshot(model, part):

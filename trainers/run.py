@@ -21,17 +21,17 @@ from llm_limits.evals import EVALS
 from llm_limits.evals.base import Eval, EvalResult, compare
 from llm_limits.mitigations import MITIGATIONS
 from llm_limits.mitigations.base import Mitigation
+from llm_limits.trainers.backends import BACKENDS, Backend, HookDriver
+from llm_limits.trainers.backends.base import ADAPTER_DIR, MODEL_DIR, is_rank_zero  # noqa: F401  (the run directory's layout)
 from llm_limits.trainers.build import vlm
-from llm_limits.trainers.build.data import build_loaders, loaders
-from llm_limits.trainers.recipe.errors import UserError
-from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer, fit, is_rank_zero, last_good_checkpoint
-from llm_limits.trainers.build.models import apply_lora, build_model, count_parameters, save_model
-from llm_limits.trainers.recipe.schema import ResolvedRecipe, load_recipe
-from llm_limits.trainers.results.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
-from llm_limits.trainers.backends import trl as trl_backend
+from llm_limits.trainers.build.models import apply_lora, build_model, count_parameters
+from llm_limits.trainers.build.pretrained import with_path
 from llm_limits.trainers.build.retrieval import INDEX_DIR
 from llm_limits.trainers.build.rewards import injected_for
 from llm_limits.trainers.build.tokenizers import load_tokenizer
+from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.recipe.schema import ResolvedRecipe, load_recipe
+from llm_limits.trainers.results.report import plot_eval, plot_grids, plot_series, plot_training, read_results, render_markdown, write_atomic, write_results
 from llm_limits.trainers.results.tracking import Tracker
 
 RUN_DIR_ENV = "LLM_LIMITS_RUN_DIR"
@@ -40,8 +40,6 @@ RUN_DIR_ENV = "LLM_LIMITS_RUN_DIR"
 RECIPE_FILE = "recipe.yaml"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
-MODEL_DIR = "model"
-ADAPTER_DIR = "adapter"
 
 
 @dataclasses.dataclass
@@ -54,6 +52,8 @@ class Built:
     mitigations: list[Mitigation]
     evals: list[tuple[str, Eval, list[str]]]
     """(result key, eval, when) in recipe order; the key is the eval name, suffixed when a name repeats."""
+    backend: Backend
+    """The recipe's ``trainer.backend``: it built the data and will fit and save (:mod:`~llm_limits.trainers.backends`)."""
 
 
 def build(
@@ -76,7 +76,7 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
     L.seed_everything(r.seed, workers=True, verbose=False)
     _check_data_root(resolved)
     trl = r.trainer.backend == "trl"
-    m = r.model
+    m = with_path(r.model)  # model.pretrained: its directory in the cache, pulled on first use
     tok_path = m.tokenizer.path or (m.path if m.tokenizer.kind == "pretrained" else None)
     tokenizer = load_tokenizer(m.tokenizer.kind, tok_path, alphabet=m.tokenizer.alphabet, trust_remote_code=m.trust_remote_code)
     vision = vlm.is_vlm_recipe(m) if checkpoint is None else vlm.is_vlm_recipe(m.model_copy(update={"model_type": None, "path": checkpoint}))
@@ -104,11 +104,9 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         enable_checkpointing(model)
     if m.lora is not None and checkpoint is None:
         model = apply_lora(model, m.lora.r, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+    backend = BACKENDS[r.trainer.backend](r)
     data: tuple[Any, Any] = (None, None)
-    if vision:
-        records = vlm.load_image_records(r.data, r.seed) if with_data else None
-    else:
-        records = trl_backend.load_prompt_records(r.data, r.seed, tokenizer) if with_data and trl else None
+    records = backend.load_records(r, tokenizer, vision=vision) if with_data else None
     task = records[0].get("task") if records else None
     mitigations = [
         MITIGATIONS[name](config, **injected_for(name, config, where=f"mitigations[{i}]", task=task, records=records,
@@ -130,13 +128,8 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
                 records = mit.transform_records(records, seed=r.seed)
             except ValueError as e:
                 raise UserError(f"mitigations[{i}]: {mit.name}: {e}") from None
-    if with_data and trl:
-        labels_cfg = next((c.labels for n, c in resolved.mitigations if n == "process_rewards" and c.enabled), None)
-        *data, task = trl_backend.build_datasets(r, tokenizer, model, labels_cfg, records=records)
-    elif with_data and vision:
-        data = loaders(*vlm.build_vlm_datasets(r.data, records, tokenizer, model), r.data.batch_size, r.seed)
-    elif with_data:
-        data = build_loaders(r.data, tokenizer, r.seed)
+    if with_data:
+        data = backend.build_data(r, tokenizer, model, records, mitigations, vision=vision)
     if trl and r.trainer.trl.algorithm == "grpo" and not any(m.enabled and m.reward_fns() for m in mitigations):
         raise UserError("mitigations: GRPO needs a reward: add an enabled mitigation that provides one "
                         "(e.g. - name: process_rewards)")
@@ -151,7 +144,7 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
-    return Built(resolved, tokenizer, model, mitigations, evals), *data
+    return Built(resolved, tokenizer, model, mitigations, evals, backend), *data
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -332,14 +325,10 @@ def _train(
     r = resolved.recipe
     # --- build (all user errors surface here, before anything is written) ----------------------------------------
     built, train_data, val_data = build(resolved, index_dir=(run_dir / INDEX_DIR) if run_dir is not None else None)
-    trl = r.trainer.backend == "trl"
-    if trl:
-        model = apply_setup(built.mitigations, built.model, built.tokenizer)
-    else:
-        module = CausalLMModule(built.model, built.mitigations, r.trainer, tokenizer=built.tokenizer)
-        module.train_sampler = getattr(train_data, "sampler", None)  # its position rides in every checkpoint
-        module.train_batch_size = train_data.batch_size
-        model = module.model
+    # Every mitigation's setup, exactly once, before the optimizer exists and before the evals measure the model.
+    model, hooks = HookDriver.prepare(built.model, built.mitigations, built.tokenizer, max_tokens=r.trainer.max_tokens)
+    built.model = model
+    built.backend.check(hooks)
     rank0 = is_rank_zero()
 
     if run_dir is None:
@@ -385,42 +374,16 @@ def _train(
         run_evals(built, model, "before", progress=progress, on_result=on_before)
         write_results(results_path, results)
 
-    # --- train ----------------------------------------------------------------------------------------------------
-    if trl:
-        model, stats, history, hf_trainer = trl_backend.fit(
-            model, built.tokenizer, built.mitigations, r, (train_data, val_data), run_dir, tracker,
-            resume=bool(resume), progress=progress, echo=echo,
-        )
-        lora = hasattr(model, "merge_and_unload")
-        trl_backend.save_trained(hf_trainer, run_dir / (ADAPTER_DIR if lora else MODEL_DIR))  # every rank (ZeRO-3)
-        if not rank0:
-            return run_dir
-        if r.trainer.strategy == "deepspeed_stage_3":  # rank 0 holds shards only: the saved whole weights come back
-            model = _reload(run_dir / MODEL_DIR, built, r)
-    else:
-        trainer = build_trainer(r.trainer, run_dir, tracker.lightning_logger() if tracker else None,
-                                has_val=val_data is not None, progress=progress)
-        warn = echo if rank0 else (lambda _: None)
-        good = last_good_checkpoint(run_dir / "checkpoints", warn=warn) if resume else None
-        ckpt_path = str(good) if good is not None else None
-        if resume and ckpt_path is None and rank0:
-            echo(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; training from the start")
-        elif resume and rank0:
-            echo(f"--resume: continuing from {ckpt_path}")
-        stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
-        if not rank0:
-            return run_dir
-        model, history = module.model, module.history
-        if hasattr(model, "merge_and_unload"):
-            save_model(model, built.tokenizer, run_dir / ADAPTER_DIR)
+    # --- train, save ----------------------------------------------------------------------------------------------
+    fitted = built.backend.fit(built, hooks, (train_data, val_data), run_dir, tracker, resume=bool(resume),
+                               progress=progress, echo=echo)
+    model = built.backend.save(fitted, built, run_dir)  # every rank saves its part; rank 0 gets the whole model back
+    if model is None:
+        return run_dir
+    stats, history = fitted.stats, fitted.history
 
     # --- eval after, report -----------------------------------------------------------------------------------------
     results["train"] = stats
-    if hasattr(model, "merge_and_unload"):  # LoRA: keep the adapter (saved above), and a merged model that loads alone
-        model = model.merge_and_unload()
-        save_model(model, built.tokenizer, run_dir / MODEL_DIR)
-    elif not trl:
-        save_model(model, built.tokenizer, run_dir / MODEL_DIR)
     model.eval()
     step = int(stats["steps"])
 
@@ -455,31 +418,6 @@ def save_artifacts(mitigations: list[Mitigation], run_dir: Path) -> None:
             target = run_dir / name
             if not target.exists():
                 save(target)
-
-
-def apply_setup(mitigations: list[Mitigation], model: torch.nn.Module, tokenizer: Any) -> torch.nn.Module:
-    """Each enabled mitigation's ``setup`` hook, in recipe order, before the optimizer exists (the Lightning module
-    does the same in its constructor)."""
-    for m in mitigations:
-        if m.enabled:
-            try:
-                model = m.setup(model, tokenizer)
-            except ValueError as e:
-                raise UserError(f"mitigations: {m.name}: {e}") from None
-    return model
-
-
-def _reload(path: Path, built: Built, r: Any) -> torch.nn.Module:
-    """Rank 0, after a ZeRO-3 run: the whole weights the ranks saved, as a plain model. The training's DeepSpeed
-    config is unset first: while it is set, ``from_pretrained`` builds under ``zero.Init`` and broadcasts every
-    parameter to ranks that have already left (the run hung up on a closed gloo connection)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    return build_model(
-        path=str(path), vocab_size=len(built.tokenizer), pad_token_id=built.tokenizer.pad_token_id,
-        head="token_classification" if r.trainer.trl.algorithm == "prm" else "causal_lm", field_prefix="model",
-    )
 
 
 LATEST = "latest"
@@ -555,9 +493,7 @@ def _restore_mitigations(built: Built, checkpoint: str) -> None:
     from safetensors.torch import load_file
 
     before = set(built.model.state_dict())
-    for m in built.mitigations:
-        if m.enabled:
-            built.model = m.setup(built.model, built.tokenizer)
+    built.model, _ = HookDriver.prepare(built.model, built.mitigations, built.tokenizer)
     added = set(built.model.state_dict()) - before
     if not added:
         return

@@ -122,3 +122,16 @@ def last_good_checkpoint(
             return checkpoint
         warn(f"checkpoint {checkpoint}: skipped, {reason}; trying the one before")
     return None
+
+
+def resume_point(
+    root: Path, *, rank0: bool, echo: Callable[[str], None] = print,
+    candidates: Callable[[Path], list[Path]] = checkpoint_folders, legacy_ok: bool = False,
+) -> str | None:
+    """``--resume``: the checkpoint both backends continue from (:func:`last_good_checkpoint`), said in one line on
+    rank 0; ``None`` (training from the start, also said) when there is none."""
+    good = last_good_checkpoint(root, warn=echo if rank0 else (lambda _: None), candidates=candidates, legacy_ok=legacy_ok)
+    if rank0:
+        echo(f"--resume: continuing from {good}" if good is not None
+             else f"--resume: no complete checkpoint in {root}; training from the start")
+    return str(good) if good is not None else None

@@ -1,15 +1,14 @@
 """The Lightning backend: a LightningModule for causal LMs that applies every mitigation hook, and the Trainer around it.
 
 Reads top to bottom: build the module -> wrap it in a Trainer (strategy, precision, checkpoints, logger) -> fit.
-Hook order per micro-batch (docs/architecture.md): ``transform_batch`` of each enabled mitigation in recipe order ->
-forward -> LM loss + each ``extra_loss``. ``setup`` is called once before the optimizer exists; every mitigation's
-``state_dict`` rides in each checkpoint and comes back through ``load_state_dict`` on resume.
+Every mitigation hook goes through the run's :class:`~llm_limits.trainers.backends.hooks.HookDriver` (``setup`` has
+run once before the module exists): per micro-batch its context, ``transform_batch``, the forward, the LM loss plus each
+``extra_loss``, the token count; the driver's state rides in each checkpoint and comes back on resume.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 import warnings
@@ -21,10 +20,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from transformers import get_scheduler
 
-from llm_limits.mitigations.base import MODEL_KEYS, Mitigation, StepContext
+from llm_limits.mitigations.base import MODEL_KEYS, StepContext
 from llm_limits.trainers.backends import checkpoints
-from llm_limits.trainers.build.data import real_tokens
-from llm_limits.trainers.recipe.errors import UserError, check_finite
+from llm_limits.trainers.backends.base import ADAPTER_DIR, MODEL_DIR, Fitted, is_rank_zero
+from llm_limits.trainers.backends.hooks import HookDriver
+from llm_limits.trainers.build import vlm
+from llm_limits.trainers.build.data import build_loaders, loaders
+from llm_limits.trainers.build.models import save_model
 from llm_limits.trainers.recipe.schema import TrainerSpec
 
 # Mid-epoch resume is exact here: the train sampler's position rides in the module's checkpoint state
@@ -39,30 +41,19 @@ NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embed_positions", "ssmax")
 
 
 class CausalLMModule(L.LightningModule):
-    """Wraps a Hugging Face causal LM (``input_ids`` ``[batch, seq]`` -> ``logits`` ``[batch, seq, vocab]``)."""
+    """Wraps a Hugging Face causal LM (``input_ids`` ``[batch, seq]`` -> ``logits`` ``[batch, seq, vocab]``).
 
-    def __init__(self, model: torch.nn.Module, mitigations: list[Mitigation], spec: TrainerSpec, tokenizer: Any = None):
+    ``model`` has been through ``hooks``' setup already (:meth:`HookDriver.prepare`)."""
+
+    def __init__(self, model: torch.nn.Module, hooks: HookDriver, spec: TrainerSpec):
         super().__init__()
         self.model = model
-        self.mitigations = [m for m in mitigations if m.enabled]
+        self.hooks = hooks
         self.spec = spec
-        for m in self.mitigations:
-            try:
-                self.model = m.setup(self.model, tokenizer)
-            except ValueError as e:  # e.g. an architecture the mitigation cannot patch
-                raise UserError(f"mitigations: {m.name}: {e}") from None
-            if m.reward_fns():  # rewards need an RL trainer; silently ignoring them would train something else
-                raise UserError(
-                    f"mitigations: {m.name} provides reward functions, which the Lightning backend cannot use "
-                    "(set trainer.backend to an RL backend such as trl)"
-                )
         # Learnable loss parameters of the mitigations (a contrastive temperature...): trained with the model and saved
         # in every checkpoint (they are part of this module's state dict), never in the saved model.
-        self.loss_modules = torch.nn.ModuleDict(
-            {m.name: mod for m in self.mitigations if (mod := _loss_module(m)) is not None}
-        )
-        self.hidden_states = any(getattr(m, "needs_hidden_states", False) for m in self.mitigations)
-        self.tokens_seen = 0
+        self.loss_modules = torch.nn.ModuleDict(hooks.loss_modules)
+        self.hidden_states = hooks.needs_hidden_states
         self.train_sampler: Any = None
         """The train loader's :class:`~trainers.data.ResumableRandomSampler`, when it has one (set by the run)."""
         self.train_batch_size: int | None = None
@@ -70,45 +61,27 @@ class CausalLMModule(L.LightningModule):
         self._epoch_batches = 0
         self.history: list[dict[str, float]] = []
         """Training metrics logged on this rank, for the report's loss plot."""
-        self._pending: dict[str, float] = {}
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.hooks.tokens_seen
 
     # --- the step ----------------------------------------------------------------------------------------------
     def _ctx(self) -> StepContext:
-        return StepContext(
-            step=int(self.global_step),
-            max_steps=self.spec.max_steps,
-            tokens_seen=int(self.tokens_seen),
-            max_tokens=int(self.spec.max_tokens or 0),
-            log=self._log_scalar,
-            rank=int(self.global_rank),
-            world_size=int(self.trainer.world_size) if self._trainer is not None else 1,
-        )
-
-    def _log_scalar(self, name: str, value: float) -> None:
-        self._pending[name] = float(value)
+        world_size = int(self.trainer.world_size) if self._trainer is not None else 1
+        return self.hooks.context(self.global_step, self.spec.max_steps, rank=self.global_rank, world_size=world_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Micro-batches of this epoch served so far; Lightning's batch_idx counts within the epoch and continues
         # from the restored position after a resume (it does not restart at 0, and no epoch-start hook runs).
         self._epoch_batches = batch_idx + 1
         ctx = self._ctx()
-        for m in self.mitigations:
-            try:
-                batch = m.transform_batch(batch, ctx)
-            except ValueError as e:  # the recipe's knobs do not fit its data (e.g. a warmup shorter than a needle row)
-                raise UserError(f"mitigations: {m.name} at step {ctx.step}: {e}") from None
+        batch = self.hooks.transform_batch(batch, ctx)
         extra_kwargs = {"output_hidden_states": True} if self.hidden_states else {}
         outputs = self.model(**self._forward_inputs(batch), **extra_kwargs)
-        loss = outputs.loss
-        lm_loss = loss.detach()
-        for m in self.mitigations:
-            extra = m.extra_loss(outputs, batch, ctx)
-            if extra is not None:
-                loss = loss + extra
-                self._pending[f"{m.name}/extra_loss"] = float(extra.detach())
-        check_finite(loss, ctx.step)
-        # Tokens count across ranks: every rank sees a batch of the same shape.
-        self.tokens_seen += real_tokens(batch) * ctx.world_size
+        lm_loss = outputs.loss.detach()
+        loss = self.hooks.add_extra_losses(outputs.loss, outputs, batch, ctx)
+        self.hooks.count_tokens(batch, ctx.world_size)
         if self.spec.max_tokens and self.tokens_seen >= self.spec.max_tokens:
             self.trainer.should_stop = True  # the token budget is spent: this is the last optimizer step
         bs = batch["input_ids"].shape[0]
@@ -119,14 +92,14 @@ class CausalLMModule(L.LightningModule):
         self.log("train/lm_loss", lm_loss, batch_size=bs, sync_dist=synced)
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
-        for name, value in self._pending.items():
+        pending = self.hooks.pop_pending()
+        for name, value in pending.items():
             self.log(name, value, batch_size=bs)
         if self.trainer.is_last_batch or (self.global_step % self.spec.log_every == 0 and self._is_accum_boundary(batch_idx)):
             value = loss.detach()
             if synced:  # every rank reaches this line at the same steps
                 value = self.trainer.strategy.reduce(value, reduce_op="mean")
-            self.history.append({"step": float(self.global_step), "loss": float(value), **self._pending})
-        self._pending = {}
+            self.history.append({"step": float(self.global_step), "loss": float(value), **pending})
         return loss
 
     @staticmethod
@@ -194,8 +167,7 @@ class CausalLMModule(L.LightningModule):
             # and its tail draw (which a replay makes) does not happen.
             sampler_state, served = self.train_sampler.generator.get_state(), 0
         checkpoint["llm_limits"] = {
-            "mitigations": {m.name: m.state_dict() for m in self.mitigations},
-            "tokens_seen": self.tokens_seen,
+            **self.hooks.state_dict(),  # the mitigations' state and tokens_seen, as the TRL backend saves them
             "history": self.history,
             # where the data order stands: the epoch's sampler state and the micro-batches it has already served
             "epoch_batches": served,
@@ -204,20 +176,12 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("llm_limits", {})
-        for m in self.mitigations:
-            if m.name in state.get("mitigations", {}):
-                m.load_state_dict(state["mitigations"][m.name])
-        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.hooks.load_state_dict(state)
         self.history = list(state.get("history", []))
         sampler_state = state.get("sampler_state")
         if sampler_state is not None and self.train_sampler is not None and hasattr(self.train_sampler, "resume"):
             self._epoch_batches = int(state.get("epoch_batches", 0))
             self.train_sampler.resume(sampler_state, self._epoch_batches * int(self.train_batch_size or 0))
-
-
-def _loss_module(m: Mitigation) -> torch.nn.Module | None:
-    hook = getattr(m, "loss_module", None)
-    return hook() if hook is not None else None
 
 
 def lr_factor(done: float, warmup: float, total: float, schedule: str) -> float:
@@ -371,7 +335,52 @@ def fit(
     }
 
 
-def is_rank_zero() -> bool:
-    """Whether this process is global rank 0. Launchers (Lightning's subprocess launcher, torchrun, SLURM) set these
-    variables in the processes they start; a plain process has none of them and is rank 0."""
-    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+# --- the backend ----------------------------------------------------------------------------------------------------
+class LightningBackend:
+    """``trainer.backend: lightning``: causal LMs and LLaVA-style vision-language models
+    (:mod:`llm_limits.trainers.backends.base`)."""
+
+    name = "lightning"
+
+    def __init__(self, recipe: Any) -> None:
+        self.recipe = recipe
+
+    def check(self, hooks: HookDriver) -> None:
+        hooks.refuse_rewards("Lightning")
+
+    def load_records(self, recipe: Any, tokenizer: Any, *, vision: bool) -> list[dict[str, Any]] | None:
+        """Image records for a vision-language run (the mitigations may rebalance them); text LM data has none."""
+        return vlm.load_image_records(recipe.data, recipe.seed) if vision else None
+
+    def build_data(self, recipe: Any, tokenizer: Any, model: torch.nn.Module, records: list[dict[str, Any]] | None,
+                   mitigations: list[Any], *, vision: bool) -> tuple[Any, Any]:
+        if vision:
+            return loaders(*vlm.build_vlm_datasets(recipe.data, records, tokenizer, model), recipe.data.batch_size, recipe.seed)
+        return build_loaders(recipe.data, tokenizer, recipe.seed)
+
+    def fit(self, built: Any, hooks: HookDriver, data: tuple[Any, Any], run_dir: Path, tracker: Any, *,
+            resume: bool, progress: bool, echo: Callable[[str], None]) -> Fitted:
+        train_data, val_data = data
+        spec = self.recipe.trainer
+        module = CausalLMModule(built.model, hooks, spec)
+        module.train_sampler = getattr(train_data, "sampler", None)  # its position rides in every checkpoint
+        module.train_batch_size = train_data.batch_size
+        trainer = build_trainer(spec, run_dir, tracker.lightning_logger() if tracker else None,
+                                has_val=val_data is not None, progress=progress)
+        ckpt_path = None
+        if resume:
+            ckpt_path = checkpoints.resume_point(run_dir / "checkpoints", rank0=is_rank_zero(), echo=echo,
+                                                 candidates=checkpoint_files, legacy_ok=True)
+        stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
+        return Fitted(module.model, stats, module.history, handle=module)
+
+    def save(self, fitted: Fitted, built: Any, run_dir: Path) -> torch.nn.Module | None:
+        """Rank 0 writes the weights (LoRA: the adapter, then the merged model) and returns the model it wrote."""
+        if not is_rank_zero():
+            return None
+        model = fitted.model
+        if hasattr(model, "merge_and_unload"):
+            save_model(model, built.tokenizer, run_dir / ADAPTER_DIR)
+            model = model.merge_and_unload()
+        save_model(model, built.tokenizer, run_dir / MODEL_DIR)
+        return model
