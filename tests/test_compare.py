@@ -79,10 +79,14 @@ def _result(limit: float, curve: dict[str, float], grid: list[list[float]]) -> d
     }
 
 
-def write_run(run_dir: Path, name: str, seed: int, after_limit: float, acc64: float, grid_corner: float = 0.0) -> Path:
-    """A minimal finished run directory: results.json (one eval, before and after) and recipe.yaml."""
+def write_run(run_dir: Path, name: str, seed: int, after_limit: float, acc64: float, grid_corner: float = 0.0,
+              version: Any = None, tasks: dict[str, Any] | None = None) -> Path:
+    """A minimal finished run directory: results.json (one eval, before and after) and recipe.yaml; ``version`` is the
+    eval's version (``None``: a run made before versions), ``tasks`` the task versions."""
     before = _result(0.0, {"64": 0.0, "128": 0.0}, [[0.0, 0.0], [0.0, 0.0]])
     after = _result(after_limit, {"64": acc64, "128": 0.25}, [[grid_corner, 1.0], [2.0, 3.0]])
+    if version is not None:
+        before["version"] = after["version"] = version
     results = {
         "name": name, "run_dir": str(run_dir),
         "evals": {"context": {"eval": "context", "limit_key": "context", "before": before, "after": after,
@@ -90,6 +94,8 @@ def write_run(run_dir: Path, name: str, seed: int, after_limit: float, acc64: fl
                                           "limit_delta": after_limit}}},
         "train": {"steps": 10.0, "tokens_seen": 640.0, "wall_s": 1.0, "final_loss": 2.0, "val_loss": 2.1},
     }
+    if tasks is not None:
+        results["versions"] = {"tasks": tasks}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results))
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump({"name": name, "seed": seed}))
@@ -148,6 +154,7 @@ def test_ablation_report_files(ablation_report):
     page = (out / "compare.html").read_text()
     assert "data:image/png;base64," in page and "<script" not in page  # self-contained, no JS
     assert c["wandb"] is None
+    assert c["version_warnings"] == []  # runs made before versions: all unversioned, nothing to say
 
 
 def test_ablation_numbers(ablation_report):
@@ -250,3 +257,54 @@ def test_summary_wandb_run_is_written_offline(tmp_path):
     run_dir = Path(c["wandb"]["dir"])
     assert run_dir.parent == out / "wandb" and list(run_dir.glob("*.wandb"))
     assert not math.isnan(c["evals"]["context"]["vs_control"]["pose"]["limit_after"]["diff"])
+
+
+# --- versions --------------------------------------------------------------------------------------------------------
+
+MIXED = ("compare: eval context was measured with different versions (1: run-a, run-b; 2: run-c); their numbers may not "
+         "be comparable")
+
+
+def _compare_versions(tmp_path: Path, runs: list[tuple[str, Any, Any]]) -> tuple[dict[str, Any], str, str, str]:
+    """compare.json, compare.md, compare.html and the terminal view of hand-made runs (name, eval version, tasks)."""
+    dirs = [write_run(tmp_path / name, name, 0, 64.0, 0.5, version=v, tasks=tasks) for name, v, tasks in runs]
+    out = compare(dirs, tmp_path / "cmp", wandb_mode="disabled", progress=False)
+    c = json.loads((out / "compare.json").read_text())
+    console = Console(record=True, width=250)
+    print_table(c, console)
+    return c, (out / "compare.md").read_text(), (out / "compare.html").read_text(), console.export_text()
+
+
+def test_mixed_eval_versions_give_exactly_one_line_everywhere(tmp_path):
+    c, md, page, terminal = _compare_versions(tmp_path, [("run-a", 1, None), ("run-b", 1, None), ("run-c", 2, None)])
+    assert c["version_warnings"] == [MIXED]
+    assert md.splitlines()[:3] == ["# compare: arms compared", "", MIXED]  # at the top of the report
+    assert page.count(MIXED) == 1 and page.index(MIXED) < page.index("<table")
+    assert terminal.splitlines()[0] == MIXED and terminal.count("different versions") == 1
+
+
+def test_matching_versions_give_no_line(tmp_path):
+    for versions in ((2, 2), ("1.0", "1.0"), (None, None)):
+        c, md, page, terminal = _compare_versions(tmp_path / str(versions[0]),
+                                                  [("run-a", versions[0], None), ("run-b", versions[1], None)])
+        assert c["version_warnings"] == [], versions
+        assert not any("different versions" in text for text in (md, page, terminal)), versions
+
+
+def test_unversioned_runs_and_task_versions_are_named(tmp_path):
+    c, *_ = _compare_versions(tmp_path, [("old", None, None), ("new", 1, {"needle": "2", "kv": 1}),
+                                         ("newer", 1, {"needle": "3", "kv": 1})])
+    assert c["version_warnings"] == [
+        "compare: eval context was measured with different versions (unversioned: old; 1: new, newer); their numbers "
+        "may not be comparable",
+        # a run that lists no task versions is left out of the task lines (it is named by the eval line)
+        "compare: task needle was used with different versions (2: new; 3: newer); their numbers may not be comparable",
+    ]
+
+
+def test_an_arm_split_across_versions_names_its_seeds(tmp_path):
+    runs = [write_run(tmp_path / f"a{s}", "arm-a", s, 64.0, 0.5, version=1 + (s == 2)) for s in range(3)]
+    runs.append(write_run(tmp_path / "b0", "arm-b", 0, 64.0, 0.5, version=1))
+    assert summarize(load_targets(runs))["version_warnings"] == [
+        "compare: eval context was measured with different versions (1: arm-a (seed 0, seed 1), arm-b; 2: arm-a "
+        "(seed 2)); their numbers may not be comparable"]

@@ -3,7 +3,8 @@ over seeds, and every arm against a control arm.
 
 One module per job, read in this order:
 
-- :mod:`.load`: finding and reading run directories and ablation directories (``results.json``, ``ablation.json``);
+- :mod:`.load`: finding and reading run directories and ablation directories (``results.json``, ``ablation.json``),
+  and the versions of the evals and tasks each run was measured with;
 - :mod:`.stats`: the bootstrap intervals and differences (pure functions) and :func:`summarize`, which turns the loaded
   runs into the comparison (a JSON-ready dict);
 - :mod:`.render`: that dict written out (``compare.json`` is the dict itself): ``compare.md``, ``compare.html``, PNG
@@ -22,12 +23,16 @@ from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.results.compare.load import (
     ABLATION_FILE,
     RESULTS_FILE,
+    UNVERSIONED,
     Run,
     Source,
     arm_labels,
+    eval_versions,
     load_ablation,
     load_run,
     load_targets,
+    task_versions,
+    version_warnings,
 )
 from llm_limits.trainers.results.compare.render import (
     WANDB_MODES,
@@ -57,10 +62,11 @@ from llm_limits.trainers.results.compare.stats import (
 from llm_limits.trainers.results.report import write_atomic
 
 __all__ = [
-    "ABLATION_FILE", "BOOTSTRAP_SEED", "CONFIDENCE", "N_RESAMPLES", "RESULTS_FILE", "TRAIN_STATS", "WANDB_MODES",
-    "Difference", "Interval", "Run", "Source", "Table", "arm_labels", "compare", "diff_ci", "fmt_ci", "fmt_diff",
-    "load_ablation", "load_run", "load_targets", "log_wandb", "mean_ci", "print_table", "render_html",
-    "render_markdown", "summarize", "summary_keys", "tables", "verdict", "write_plots",
+    "ABLATION_FILE", "BOOTSTRAP_SEED", "CONFIDENCE", "N_RESAMPLES", "RESULTS_FILE", "TRAIN_STATS", "UNVERSIONED",
+    "WANDB_MODES", "Difference", "Interval", "Run", "Source", "Table", "arm_labels", "compare", "diff_ci",
+    "eval_versions", "fmt_ci", "fmt_diff", "load_ablation", "load_run", "load_targets", "log_wandb", "mean_ci",
+    "print_table", "render_html", "render_markdown", "summarize", "summary_keys", "tables", "task_versions", "verdict",
+    "version_warnings", "write_plots",
 ]
 
 

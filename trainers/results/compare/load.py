@@ -1,9 +1,10 @@
 """Loading what ``llm-limits compare`` puts side by side: run directories (``results.json`` and the resolved
-``recipe.yaml``) and ablation directories (``ablation.json``: every arm, the finished ones with their results, the others
-with their status and error).
+``recipe.yaml``) and ablation directories (``ablation.json``: every arm, the finished ones with their results, the
+others with their status and error).
 
 Nothing here computes a number: :func:`load_targets` returns a :class:`Source` (the runs, the default control, notes)
-that :func:`llm_limits.trainers.results.compare.stats.summarize` turns into the comparison.
+that :func:`llm_limits.trainers.results.compare.stats.summarize` turns into the comparison. :func:`version_warnings`
+reads which version of each eval and task the runs were measured with, and says where runs put side by side differ.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from typing import Any
 import yaml
 
 from llm_limits.trainers.recipe.errors import UserError
-from llm_limits.trainers.results.report import read_results
+from llm_limits.trainers.results.report import PHASES, read_results
 
 ABLATION_FILE = "ablation.json"
 RESULTS_FILE = "results.json"
+UNVERSIONED = "unversioned"
+"""The version of an eval or task in a run made before results.json carried versions."""
 
 
 @dataclass
@@ -161,3 +164,80 @@ def load_targets(targets: list[Path]) -> Source:
 def arm_labels(runs: list[Run]) -> list[str]:
     """Arm labels in order of first appearance."""
     return list(dict.fromkeys(r.label for r in runs))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Versions: what each run was measured with
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _version(phase: Any) -> str | None:
+    """The version an eval result carries (``None``: no such phase in this run)."""
+    if not isinstance(phase, dict):
+        return None
+    return UNVERSIONED if phase.get("version") is None else str(phase["version"])
+
+
+def eval_versions(run: Run) -> dict[str, str]:
+    """Eval key -> the version its ``before`` and ``after`` were measured with (``results.json``:
+    ``evals[key][phase]["version"]``); a run whose two phases differ gets both, e.g. ``1 before, 2 after``.
+
+    >>> evals = {"context": {"before": {"version": 2}, "after": {"version": 2}}, "reasoning": {"before": {}}}
+    >>> eval_versions(Run("a", 0, "r", results={"evals": evals}))
+    {'context': '2', 'reasoning': 'unversioned'}
+    """
+    out = {}
+    for key, entry in ((run.results or {}).get("evals") or {}).items():
+        phases = {p: v for p in PHASES if (v := _version((entry or {}).get(p))) is not None}
+        if len(set(phases.values())) > 1:
+            out[key] = ", ".join(f"{v} {p}" for p, v in phases.items())
+        else:
+            out[key] = next(iter(phases.values()), UNVERSIONED)
+    return out
+
+
+def task_versions(run: Run) -> dict[str, str]:
+    """Task name -> version, from ``results.json``'s ``versions.tasks`` (empty in runs made before versions)."""
+    tasks = ((run.results or {}).get("versions") or {}).get("tasks")
+    if not isinstance(tasks, dict):
+        return {}
+    return {str(name): UNVERSIONED if v is None else str(v) for name, v in tasks.items()}
+
+
+def _who(runs: list[Run], group: list[Run]) -> str:
+    """The runs of ``group`` by arm label; an arm split across versions names its seeds (or run directories)."""
+    names = []
+    for label in arm_labels(group):
+        mine = [r for r in group if r.label == label]
+        if len(mine) == sum(r.label == label for r in runs):
+            names.append(label)
+        else:
+            names.append(f"{label} ({', '.join(f'seed {r.seed}' if r.seed is not None else r.run_dir for r in mine)})")
+    return ", ".join(names)
+
+
+def version_warnings(runs: list[Run]) -> list[str]:
+    """One line for each eval key, then each task, that the finished runs were measured with in different versions
+    (a run that lacks the eval, or does not list the task, is left out of that line; no line when versions agree).
+
+    >>> run = lambda label, v: Run(label, 0, label, results={"evals": {"context": {"after": {"version": v}}}})
+    >>> print(*version_warnings([run("a", 1), run("b", 1), run("c", 2)]))
+    compare: eval context was measured with different versions (1: a, b; 2: c); their numbers may not be comparable
+    >>> version_warnings([run("a", 1), run("b", 1)])
+    []
+    """
+    done = [r for r in runs if r.status == "done" and r.results is not None]
+    out = []
+    for kind, versions, verb in (("eval", eval_versions, "measured"), ("task", task_versions, "used")):
+        per_run = [(r, versions(r)) for r in done]
+        for name in dict.fromkeys(name for _, vs in per_run for name in vs):
+            groups: dict[str, list[Run]] = {}
+            for r, vs in per_run:
+                if name in vs:
+                    groups.setdefault(vs[name], []).append(r)
+            if len(groups) > 1:
+                having = [r for group in groups.values() for r in group]
+                listed = "; ".join(f"{v}: {_who(having, group)}" for v, group in groups.items())
+                out.append(f"compare: {kind} {name} was {verb} with different versions ({listed}); their numbers may "
+                           f"not be comparable")
+    return out

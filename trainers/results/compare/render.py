@@ -150,9 +150,11 @@ def tables(c: dict[str, Any]) -> list[Table]:
 
 
 def print_table(comparison: dict[str, Any], console: Any) -> None:
-    """The terminal view: the arms (with failures) and each eval's limit table, as ``rich`` tables."""
+    """The terminal view: version warnings, the arms (with failures) and each eval's limit table, as ``rich`` tables."""
     from rich.table import Table as RichTable
 
+    for line in comparison.get("version_warnings", []):
+        console.print(line, markup=False, soft_wrap=True)
     for t in [arms_table(comparison)] + [limit_table(comparison, k) for k in comparison["evals"]]:
         rt = RichTable(title=t.title, title_justify="left")
         for col, right in zip(t.columns, t.right):
@@ -291,6 +293,7 @@ def _blocks(c: dict[str, Any]) -> list[tuple[str, Any]]:
     plots = c.get("plots", {})
     m = c["method"]
     b: list[tuple[str, Any]] = [("h1", f"{c['name']}: arms compared")]
+    b += [("p", line) for line in c.get("version_warnings", [])]  # first: it qualifies every number below
     src = f"Ablation: `{c['ablation']}`. " if c.get("ablation") else ""
     b.append(("p", f"{src}Control arm: `{c['control']}`. Each cell is the mean over seeds with its "
                    f"{m['confidence']:.0%} percentile-bootstrap interval [low, high] ({m['n_resamples']} resamples, "

@@ -2,7 +2,8 @@
 comparison they make (a JSON-ready dict).
 
 Functional core first: :func:`mean_ci`, :func:`diff_ci` and :func:`verdict` are pure and test in milliseconds;
-:func:`summarize` turns loaded runs (:mod:`.load`) into the comparison that :mod:`.render` writes out.
+:func:`summarize` turns loaded runs (:mod:`.load`) into the comparison that :mod:`.render` writes out, with one line
+for each eval or task the runs were measured with in different versions (``version_warnings``).
 
 What is measured, per eval and per arm (an arm = one label, its seeds the samples): the limit, every curve point, every
 scalar and every secondary-series point, each ``before``, ``after`` and ``delta`` (after - before) as a mean over
@@ -22,7 +23,7 @@ import time
 from typing import Any, Iterable, NamedTuple
 
 from llm_limits.trainers.recipe.errors import UserError
-from llm_limits.trainers.results.compare.load import Run, Source, arm_labels
+from llm_limits.trainers.results.compare.load import Run, Source, arm_labels, version_warnings
 from llm_limits.trainers.results.report import PHASES, _key, _signed
 
 CONFIDENCE = 0.95
@@ -396,6 +397,7 @@ def summarize(source: Source, control: str | None = None, progress: Any = None) 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "ablation": str(source.ablation) if source.ablation else None,
         "control": control,
+        "version_warnings": version_warnings(source.runs),
         "method": {"interval": "percentile bootstrap over seeds", "confidence": CONFIDENCE,
                    "n_resamples": N_RESAMPLES, "random_state": BOOTSTRAP_SEED,
                    "vs_control": "two-sample bootstrap of mean(arm) - mean(control); needs >= 2 seeds per arm"},
