@@ -29,6 +29,8 @@ def main() -> None:
     data = json.loads(args.compare_json.read_text())
     if args.eval not in data.get("evals", {}):
         raise SystemExit(f"{args.compare_json}: no eval {args.eval!r} (has: {', '.join(data.get('evals', {}))})")
+    for line in data.get("version_warnings", []):  # the bars may mix versions of an eval
+        print(line)
     arms = data["evals"][args.eval]["arms"]
     labels = [a.removeprefix(args.strip) for a in arms]
     fig, axes = plt.subplots(1, len(args.scalars), figsize=(3.2 * len(args.scalars), 3.2), dpi=110, squeeze=False)

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from llm_limits.trainers.results.compare import load_run, version_warnings
+
 
 def newest_run(path: Path) -> Path:
     if (path / "results.json").is_file():
@@ -31,8 +33,10 @@ def main(args: list[str]) -> None:
     for col in ("run", "eval", "limit", "before", "after", "delta", "after curve"):
         # run names are what the reader compares: never cut them
         table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left", no_wrap=col == "run")
+    runs = []
     for arg in args:
         run = newest_run(Path(arg))
+        runs.append(load_run(run))
         results = json.loads((run / "results.json").read_text())
         for key, e in results["evals"].items():
             before, after = e.get("before"), e.get("after")
@@ -46,6 +50,8 @@ def main(args: list[str]) -> None:
                 "-" if delta is None else f"{delta:+g}", f"{spec['metric']} {pts}",
             )
     console = Console()
+    for line in version_warnings(runs):  # the same line `llm-limits compare` prints
+        console.print(line, markup=False, soft_wrap=True)
     Console(width=max(console.width, 132)).print(table)  # a log or pipe gets the whole row, not 80 columns
 
 
