@@ -124,6 +124,9 @@ class EvalResult:
     """The limit read off :attr:`curve` by :func:`read_limit`."""
     threshold: float
     """The threshold actually used (``spec.threshold`` or the one derived from the curve)."""
+    version: str = ""
+    """Version of the eval that measured it (:attr:`Eval.version`); results of different versions measure different
+    things. ``""`` in a result written before evals had versions."""
     scalars: dict[str, float] = field(default_factory=dict)
     """Other named numbers of the measurement (reference loss, chance loss, token counts...)."""
     notes: list[str] = field(default_factory=list)
@@ -151,6 +154,7 @@ class EvalResult:
             curve={float(x): float(v) for x, v in d["curve"].items()},
             limit_value=float(d["limit_value"]),
             threshold=float(d["threshold"]),
+            version=str(d.get("version", "")),
             scalars=dict(d.get("scalars", {})),
             notes=list(d.get("notes", [])),
             series={k: Series.from_dict(v) for k, v in d.get("series", {}).items()},
@@ -201,6 +205,10 @@ class Eval:
 
     name: ClassVar[str] = "base"
     """Registry key, the ``name:`` of the recipe entry."""
+    version: ClassVar[str] = "1"
+    """Version of what the eval measures, written into every result it returns (lm-evaluation-harness style): bump
+    it when what the eval measures changes (its data, its scoring, its limit rule), so that ``compare`` can say when
+    it puts two versions side by side."""
     summary: ClassVar[str] = ""
     """One line for ``llm-limits ls``."""
     limit: ClassVar[str] = ""
@@ -220,5 +228,16 @@ class Eval:
         return None
 
     def run(self, model: Any, tokenizer: Any, *, device: str = "cpu", progress: bool = True) -> EvalResult:
-        """Measure ``model`` (a ``transformers`` causal LM, in eval mode) and return the curve and its limit."""
+        """Measure ``model`` (a ``transformers`` causal LM, in eval mode) and return the curve and its limit, built by
+        :meth:`result`."""
         raise NotImplementedError
+
+    def result(self, **fields: Any) -> EvalResult:
+        """The :class:`EvalResult` of a measurement (``spec``, ``curve``, ``limit_value``, ``threshold``, ...), stamped
+        with this eval's ``name`` and ``version``: every eval's :meth:`run` returns one built here.
+
+        >>> Eval().result(spec=LimitSpec("loss", "position", (16.0,), False), curve={16.0: 1.0}, limit_value=16.0,
+        ...               threshold=1.5).version
+        '1'
+        """
+        return EvalResult(eval=self.name, version=self.version, **fields)

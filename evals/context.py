@@ -301,6 +301,7 @@ class Context(Eval):
     the largest length up to which the depth-averaged accuracy stays >= ``threshold``."""
 
     name = "context"
+    version = "1"
     summary = "RULER needle retrieval by length x depth; limit = longest length with depth-mean accuracy >= threshold"
     limit = "context"
     Config = ContextConfig
@@ -448,8 +449,8 @@ class Context(Eval):
         if c.position_loss:
             self._position_loss_series(model, tokenizer, lengths[-1], n_pos, device, series, scalars, notes)
 
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                          scalars=scalars, notes=notes, series=series, grids=grids)
+        return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
+                           scalars=scalars, notes=notes, series=series, grids=grids)
 
     # --- secondary measurements ------------------------------------------------------------------------------------
     def _attention_series(self, model, tokenizer, cells, lengths, device, progress, series, scalars, notes) -> None:

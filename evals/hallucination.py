@@ -364,6 +364,7 @@ class Hallucination(Eval):
     passages) and the calibration of the answers say whether it knows what it does not know."""
 
     name = "hallucination"
+    version = "1"
     summary = "closed-book kb accuracy by entity frequency rank; limit = rarest rank with accuracy >= threshold"
     limit = "hallucination"
     Config = HallucinationConfig
@@ -459,5 +460,5 @@ class Hallucination(Eval):
         bar.close()
         curve, limit, scalars, series, notes = summarize(c, knowledge.probabilities, questions, completions,
                                                          confidences)
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=limit, threshold=c.threshold,
-                          scalars=scalars, notes=notes, series=series)
+        return self.result(spec=spec, curve=curve, limit_value=limit, threshold=c.threshold,
+                           scalars=scalars, notes=notes, series=series)

@@ -627,6 +627,7 @@ class Multimodal(Eval):
     multimodal gain."""
 
     name = "multimodal"
+    version = "1"
     summary = "VLM accuracy vs image signal, blind and on traps; modality gap; limit = multimodal gain (MMStar)"
     limit = "multimodal"
     Config = MultimodalConfig
@@ -739,5 +740,5 @@ class Multimodal(Eval):
         with eval_mode(model):
             m = self.measure(model, tokenizer, data, progress=progress)
         curve, limit, threshold, scalars, series, notes = summarize(self.config, data, m)
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=float(threshold),
-                          scalars=scalars, notes=notes, series=series)
+        return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=float(threshold),
+                           scalars=scalars, notes=notes, series=series)

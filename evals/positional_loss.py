@@ -146,6 +146,7 @@ class PositionalLoss(Eval):
     ``(1 + tolerance)`` times its early-position value (0 when the model has learned nothing)."""
 
     name = "positional_loss"
+    version = "1"
     summary = "next-token loss by position; limit = last position before loss rises above (1+tol) x early loss"
     limit = "context"
     Config = PositionalLossConfig
@@ -226,8 +227,7 @@ class PositionalLoss(Eval):
         )
         if skipped:
             notes.append(f"{skipped} document(s) shorter than seq_len={c.seq_len} tokens were skipped")
-        return EvalResult(
-            eval=self.name,
+        return self.result(
             spec=spec,
             curve=curve,
             limit_value=float(limit),

@@ -144,6 +144,7 @@ class ProcessReward(Eval):
     policy, how much reranking its samples by this model buys (best-of-N accuracy against N)."""
 
     name = "prm"
+    version = "1"
     summary = "process reward model: step-error F1 by steps; limit = longest chain length with F1 >= threshold"
     limit = "reasoning"
     Config = ProcessRewardConfig
@@ -224,8 +225,8 @@ class ProcessReward(Eval):
         elif c.orm_path is not None:
             notes.append("orm_path is set but policy_path is not: there are no samples to rerank, the ORM was not used")
         bar.close()
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                          scalars=scalars, notes=notes, series=series)
+        return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
+                           scalars=scalars, notes=notes, series=series)
 
     def _notes(self, curve, limit, scalars, pred, notes) -> None:
         c = self.config

@@ -213,6 +213,7 @@ class Reasoning(Eval):
     best-of-N say whether the chain is what produces the answer."""
 
     name = "reasoning"
+    version = "1"
     summary = "arithmetic-chain accuracy by steps; limit = longest chain length with accuracy >= threshold"
     limit = "reasoning"
     Config = ReasoningConfig
@@ -317,8 +318,8 @@ class Reasoning(Eval):
             bar.update(1)
         bar.close()
 
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                          scalars=scalars, notes=notes, series=series)
+        return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
+                           scalars=scalars, notes=notes, series=series)
 
     # --- secondary measurements ------------------------------------------------------------------------------------
     def _mediation(self, model, tokenizer, data, device, scalars, series, notes) -> None:

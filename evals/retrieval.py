@@ -403,6 +403,7 @@ class Retrieval(Eval):
     say where the reading breaks."""
 
     name = "retrieval"
+    version = "1"
     summary = "kb QA accuracy with the oracle among distractors; limit = most distractors with accuracy >= threshold"
     limit = "retrieval"
     Config = RetrievalConfig
@@ -489,5 +490,5 @@ class Retrieval(Eval):
             bar.update(1)
         bar.close()
         curve, limit, scalars, series, notes = summarize(c, score_cases(cases, completions), recall)
-        return EvalResult(eval=self.name, spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                          scalars=scalars, notes=notes, series=series)
+        return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
+                           scalars=scalars, notes=notes, series=series)

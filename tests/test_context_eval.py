@@ -300,6 +300,7 @@ def test_run_on_a_tiny_llama(tokenizer):
     ev.check(model, tokenizer)
     result = ev.run(model, tokenizer, progress=False)
     assert model.training and model.config._attn_implementation == "sdpa"  # both restored
+    assert result.version == EVALS["context"].version
     assert result.eval == "context" and result.spec == ev.spec() and result.threshold == 0.85
     assert list(result.curve) == [32.0, 64.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
     grid = result.grids["accuracy"]

@@ -128,6 +128,26 @@ def test_eval_result_round_trips_through_json():
     assert all(isinstance(x, float) for x in back.curve)
 
 
+@pytest.mark.parametrize("name", sorted(EVALS))
+def test_every_eval_declares_its_version(name):
+    """Each registered eval sets its own ``version`` (not only the base class's), and its results carry it."""
+    cls = EVALS[name]
+    assert "version" in vars(cls) and isinstance(cls.version, str) and cls.version
+    result = cls().result(spec=LimitSpec("loss", "position", (16.0,), False), curve={16.0: 2.0}, limit_value=16.0,
+                          threshold=2.2)
+    assert result.eval == name and result.version == cls.version
+
+
+def test_eval_result_version_round_trips():
+    result = PositionalLoss().result(spec=LimitSpec("loss", "position", (16.0,), False), curve={16.0: 2.0},
+                                     limit_value=16.0, threshold=2.2)
+    d = json.loads(json.dumps(result.to_dict()))
+    assert d["version"] == PositionalLoss.version
+    assert EvalResult.from_dict(d) == result and EvalResult.from_dict(d).version == PositionalLoss.version
+    del d["version"]  # a results.json written before evals had versions
+    assert EvalResult.from_dict(d).version == ""
+
+
 def test_compare_before_after():
     before = _result({16: 2.0, 32: 2.5, 48: 3.0}, 16.0)
     after = _result({16: 1.5, 32: 1.6, 48: 1.7}, 48.0)
@@ -254,6 +274,7 @@ def test_runs_end_to_end_on_an_untrained_model(arch, request, tokenizer):
     ev.check(model, tokenizer)
     result = ev.run(model, tokenizer, progress=False)
     assert model.training  # mode restored
+    assert result.version == EVALS["positional_loss"].version
     assert result.eval == "positional_loss" and result.spec == ev.spec()
     assert list(result.curve) == list(result.spec.axis_values) == [16.0, 32.0, 48.0, 64.0]
     assert all(math.isfinite(v) for v in result.curve.values())

@@ -251,6 +251,7 @@ def test_run_on_a_tiny_llama(tokenizer):
     ev.check(model, tokenizer)
     result = ev.run(model, tokenizer, progress=False)
     assert model.training  # restored
+    assert result.version == EVALS["hallucination"].version
     assert result.eval == "hallucination" and result.spec == ev.spec() and result.threshold == 0.5
     assert list(result.curve) == [5.0, 20.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
     assert result.limit_value == read_limit(result.curve, 0.5, True)

@@ -412,6 +412,7 @@ def test_run_shapes(vision, clip, siglip):
     assert result.limit_value == s["multimodal_gain"] and result.threshold == s["chance_accuracy"]
     assert result.curve[1.0] == s["acc_sighted"] and result.curve[0.0] == s["acc_noise"]
     assert set(result.series) == {"recall_i2t", "recall_t2i"}
+    assert result.version == EVALS["multimodal"].version
     assert result.eval == "multimodal" and result.notes
     assert EvalResult.from_dict(result.to_dict()).to_dict() == result.to_dict()
     again = Multimodal(MultimodalConfig(task="shapes", **SMALL)).run(model, tok, progress=False)

@@ -244,6 +244,7 @@ def test_run_on_a_tiny_llama_with_every_stage(tmp_path, tokenizer):
     ev.check(model, tokenizer)
     result = ev.run(model, tokenizer, progress=False)
     assert model.training  # restored
+    assert result.version == EVALS["reasoning"].version
     assert result.eval == "reasoning" and result.spec == ev.spec() and result.threshold == 0.5
     assert list(result.curve) == [2.0, 3.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
     assert result.limit_value == read_limit(result.curve, 0.5, True) == 0.0  # a random model solves nothing

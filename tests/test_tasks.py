@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
 import pytest
 
-from llm_limits.evals.tasks import TASKS, TaskDataError
+from llm_limits.evals.tasks import TASK_VERSIONS, TASKS, TaskDataError, image_folder
 from llm_limits.evals.tasks.synthetic_text import ALPHABET, SyntheticTextConfig, generate, load_jsonl
 
 
@@ -132,3 +133,12 @@ def test_load_jsonl_not_utf8(tmp_path):
 def test_load_jsonl_directory(tmp_path):
     with pytest.raises(TaskDataError, match="is a directory"):
         load_jsonl(tmp_path)
+
+
+def test_every_task_has_a_version():
+    """Each registered task has a non-empty version, its module's ``VERSION`` (the loader-only image_folder too)."""
+    assert set(TASK_VERSIONS) == set(TASKS)
+    for name, (_, task_generate) in TASKS.items():
+        module = importlib.import_module(task_generate.__module__)
+        assert isinstance(TASK_VERSIONS[name], str) and TASK_VERSIONS[name] == module.VERSION != ""
+    assert isinstance(image_folder.VERSION, str) and image_folder.VERSION

@@ -30,5 +30,15 @@ TASKS = {
 }
 """Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
 
-__all__ = ["TASKS", "ChainsConfig", "DigitsConfig", "KBConfig", "RulerConfig", "ShapesConfig", "SyntheticTextConfig",
-           "TaskDataError"]
+TASK_VERSIONS: dict[str, str] = {
+    "synthetic_text": synthetic_text.VERSION,
+    "ruler": ruler.VERSION,
+    "chains": chains.VERSION,
+    "kb": kb.VERSION,
+    "digits": digits.VERSION,
+    "shapes": shapes.VERSION,
+}
+"""Task name -> its version (the module's ``VERSION``): a task's version changes when the records it yields do."""
+
+__all__ = ["TASKS", "TASK_VERSIONS", "ChainsConfig", "DigitsConfig", "KBConfig", "RulerConfig", "ShapesConfig",
+           "SyntheticTextConfig", "TaskDataError"]

@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+VERSION = "1"
+"""Version of the records this task yields: bump it when they change, so that results over different records are
+not compared as equals."""
+
 TASK = "digits"
 """``task`` of every record."""
 

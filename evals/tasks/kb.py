@@ -94,6 +94,10 @@ from typing import Iterable
 from llm_limits.evals.tasks import TaskDataError
 from llm_limits.evals.tasks.jsonl import json_objects, json_type
 
+VERSION = "1"
+"""Version of the records this task yields: bump it when they change, so that results over different records are
+not compared as equals."""
+
 TASK = "kb_qa"
 """``task`` of every record."""
 

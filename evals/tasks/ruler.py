@@ -59,6 +59,10 @@ from llm_limits.evals.tasks import synthetic_text
 from llm_limits.evals.tasks.jsonl import json_objects, json_type
 from llm_limits.evals.tasks.synthetic_text import SyntheticTextConfig
 
+VERSION = "1"
+"""Version of the records this task yields: bump it when they change, so that results over different records are
+not compared as equals."""
+
 TASK_NAMES = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
 """The sub-tasks :class:`RulerConfig` ``task`` may name."""
 

@@ -58,6 +58,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+VERSION = "1"
+"""Version of the records this task yields: bump it when they change, so that results over different records are
+not compared as equals."""
+
 TASK = "shapes"
 """``task`` of every record."""
 

@@ -19,6 +19,10 @@ from os import PathLike
 from llm_limits.evals.tasks import TaskDataError
 from llm_limits.evals.tasks.jsonl import json_objects, json_type
 
+VERSION = "1"
+"""Version of the records this task yields: bump it when they change, so that results over different records are
+not compared as equals."""
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 """Every character :func:`generate` can emit, and no other: lowercase letters, space, ``.``, ``,`` and newline."""
 
