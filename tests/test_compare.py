@@ -261,8 +261,8 @@ def test_summary_wandb_run_is_written_offline(tmp_path):
 
 # --- versions --------------------------------------------------------------------------------------------------------
 
-MIXED = ("compare: eval context was measured with different versions (1: run-a, run-b; 2: run-c); their numbers may not "
-         "be comparable")
+MIXED = ("compare: eval context was measured with different versions (1: run-a, run-b; 2: run-c); their numbers may "
+         "not be comparable")
 
 
 def _compare_versions(tmp_path: Path, runs: list[tuple[str, Any, Any]]) -> tuple[dict[str, Any], str, str, str]:
@@ -284,8 +284,8 @@ def test_mixed_eval_versions_give_exactly_one_line_everywhere(tmp_path):
 
 
 def test_matching_versions_give_no_line(tmp_path):
-    for versions in ((2, 2), ("1.0", "1.0"), (None, None)):
-        c, md, page, terminal = _compare_versions(tmp_path / str(versions[0]),
+    for i, versions in enumerate(((2, 2), ("1.0", "1.0"), (None, None), ("", None))):  # "": EvalResult's "no version"
+        c, md, page, terminal = _compare_versions(tmp_path / str(i),
                                                   [("run-a", versions[0], None), ("run-b", versions[1], None)])
         assert c["version_warnings"] == [], versions
         assert not any("different versions" in text for text in (md, page, terminal)), versions

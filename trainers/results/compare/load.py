@@ -21,7 +21,8 @@ from llm_limits.trainers.results.report import PHASES, read_results
 ABLATION_FILE = "ablation.json"
 RESULTS_FILE = "results.json"
 UNVERSIONED = "unversioned"
-"""The version of an eval or task in a run made before results.json carried versions."""
+"""The version of an eval or task in a run made before results.json carried versions (no ``version``, or ``""``: what
+``EvalResult.from_dict`` reads from such a run)."""
 
 
 @dataclass
@@ -175,7 +176,11 @@ def _version(phase: Any) -> str | None:
     """The version an eval result carries (``None``: no such phase in this run)."""
     if not isinstance(phase, dict):
         return None
-    return UNVERSIONED if phase.get("version") is None else str(phase["version"])
+    return _or_unversioned(phase.get("version"))
+
+
+def _or_unversioned(v: Any) -> str:
+    return UNVERSIONED if v is None or v == "" else str(v)
 
 
 def eval_versions(run: Run) -> dict[str, str]:
@@ -201,7 +206,7 @@ def task_versions(run: Run) -> dict[str, str]:
     tasks = ((run.results or {}).get("versions") or {}).get("tasks")
     if not isinstance(tasks, dict):
         return {}
-    return {str(name): UNVERSIONED if v is None else str(v) for name, v in tasks.items()}
+    return {str(name): _or_unversioned(v) for name, v in tasks.items()}
 
 
 def _who(runs: list[Run], group: list[Run]) -> str:
