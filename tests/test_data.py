@@ -68,7 +68,7 @@ def test_data_root_admits_files_inside_and_refuses_links_and_evals_outside(tmp_p
 
     from tests.conftest import TINY
     from llm_limits.trainers.recipe.schema import validate_recipe
-    from llm_limits.trainers.run import build
+    from llm_limits.trainers.build.assemble import build
 
     root = tmp_path / "data"
     root.mkdir()

@@ -14,7 +14,7 @@ from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.backends.lightning import CausalLMModule, LightningBackend, build_trainer
 from llm_limits.trainers.recipe.schema import validate_recipe
-from llm_limits.trainers.run import build
+from llm_limits.trainers.build.assemble import build
 
 from tests.conftest import TINY
 from tests.test_cli import run_cli, run_dirs
@@ -55,9 +55,9 @@ class Recorder(Mitigation):
 
 
 def module_for(model, mitigations, spec):
-    """The module as a run builds it: the hook driver's setup (once), the backend's check, then the module."""
+    """The module as a run builds it: the backend's check, the hook driver's setup (once), then the module."""
+    LightningBackend(None).check(mitigations)
     model, hooks = HookDriver.prepare(model, mitigations, max_tokens=spec.max_tokens)
-    LightningBackend(None).check(hooks)
     return CausalLMModule(model, hooks, spec)
 
 

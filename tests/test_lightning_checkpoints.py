@@ -12,7 +12,8 @@ import pytest
 from llm_limits.trainers.backends.checkpoints import manifest_path, verify, write_manifest
 from llm_limits.trainers.backends.lightning import ManifestCheckpoint, checkpoint_files, last_good_checkpoint
 from llm_limits.trainers.recipe.schema import validate_recipe
-from llm_limits.trainers.run import build, train
+from llm_limits.trainers.build.assemble import build
+from llm_limits.trainers.run import train
 
 from tests.test_crash_resume import lightning_recipe, same
 from tests.test_trl_backend import write

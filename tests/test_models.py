@@ -311,7 +311,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
 
     from tests.conftest import TINY
     from llm_limits.trainers.recipe.schema import validate_recipe
-    from llm_limits.trainers.run import build, train
+    from llm_limits.trainers.build.assemble import build
+    from llm_limits.trainers.run import train
 
     grads, losses = [], []
     for on in (False, True):

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from llm_limits.evals.tasks import kb
 from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.recipe.schema import load_recipe
-from llm_limits.trainers.run import build, train
+from llm_limits.trainers.build.assemble import build
+from llm_limits.trainers.run import train
 
 from tests.conftest import REPO
 

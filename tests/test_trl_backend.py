@@ -258,7 +258,7 @@ def test_prm_on_monte_carlo_labels(tmp_path):
     r["mitigations"] = [{"name": "process_rewards", "labels": {
         "kind": "monte_carlo", "rollouts": 2, "completer_path": str(tmp_path / "completer"), "max_new_tokens": 8}}]
     resolved = validate_recipe(r, "r.yaml")
-    from llm_limits.trainers.run import build
+    from llm_limits.trainers.build.assemble import build
 
     built, train_ds, _ = build(resolved)
     # an untrained completer rarely reaches the gold answer: MC labels are mostly 0, unlike the verifier's

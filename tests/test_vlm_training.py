@@ -20,7 +20,8 @@ from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
 from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.recipe.schema import validate_recipe
-from llm_limits.trainers.run import build, train
+from llm_limits.trainers.build.assemble import build
+from llm_limits.trainers.run import train
 
 from tests.conftest import REPO
 from tests.vlm_fixtures import tiny_vlm

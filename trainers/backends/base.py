@@ -4,6 +4,7 @@ A backend does four things, in this order, for one run:
 
 1. :meth:`Backend.load_records`: the records the mitigations are built with and may rewrite (``transform_records``):
    prompt/completion records for the TRL backend, image records for a vision-language run, ``None`` for text LM data;
+   (after :meth:`Backend.check` has refused, in one line, mitigations it cannot train with);
 2. :meth:`Backend.build_data`: the training and validation data, from the built model, tokenizer and records;
 3. :meth:`Backend.fit`: train, fresh or resumed from the run's newest good checkpoint, every hook through the run's
    :class:`~llm_limits.trainers.backends.hooks.HookDriver` (whose ``setup`` already ran, once);
@@ -22,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from llm_limits.mitigations.base import Mitigation
 from llm_limits.trainers.backends.hooks import HookDriver
 
 
@@ -47,9 +49,13 @@ class Fitted:
 
 class Backend(Protocol):
     name: str
+    head: str
+    """The model head the backend trains: ``causal_lm``, or ``token_classification`` for a process reward model."""
+    prompt_data: bool
+    """Whether it trains on prompt/completion records (a mitigation's ``transform_records`` builds those)."""
 
-    def check(self, hooks: HookDriver) -> None:
-        """Refuse, in one line and before the run directory exists, what this backend cannot train."""
+    def check(self, mitigations: list[Mitigation]) -> None:
+        """Refuse, in one line and before the run directory exists, mitigations this backend cannot train with."""
 
     def load_records(self, recipe: Any, tokenizer: Any, *, vision: bool) -> list[dict[str, Any]] | None: ...
 

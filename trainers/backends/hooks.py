@@ -67,14 +67,6 @@ class HookDriver:
         self.loss_modules = {m.name: mod for m in self.mitigations if (mod := m.loss_module()) is not None}
         return model
 
-    def refuse_rewards(self, backend: str) -> None:
-        """A backend without an RL trainer refuses a mitigation that provides rewards (ignoring them would train
-        something else than the recipe says)."""
-        for m in self.mitigations:
-            if m.reward_fns():
-                raise UserError(f"mitigations: {m.name} provides reward functions, which the {backend} backend cannot "
-                                "use (set trainer.backend to an RL backend such as trl)")
-
     # --- per micro-batch ---------------------------------------------------------------------------------------
     def context(self, step: int, max_steps: int, *, rank: int = 0, world_size: int = 1) -> StepContext:
         """What every hook sees at this micro-batch; the same fields on both backends."""

@@ -27,6 +27,7 @@ from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.build import vlm
 from llm_limits.trainers.build.data import build_loaders, loaders
 from llm_limits.trainers.build.models import save_model
+from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.recipe.schema import TrainerSpec
 
 # Mid-epoch resume is exact here: the train sampler's position rides in the module's checkpoint state
@@ -341,12 +342,18 @@ class LightningBackend:
     (:mod:`llm_limits.trainers.backends.base`)."""
 
     name = "lightning"
+    head = "causal_lm"
+    prompt_data = False
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
 
-    def check(self, hooks: HookDriver) -> None:
-        hooks.refuse_rewards("Lightning")
+    def check(self, mitigations: list[Any]) -> None:
+        """Rewards need an RL trainer: ignoring a mitigation's rewards would train something else than the recipe says."""
+        for m in mitigations:
+            if m.enabled and m.reward_fns():
+                raise UserError(f"mitigations: {m.name} provides reward functions, which the Lightning backend cannot "
+                                "use (set trainer.backend to an RL backend such as trl)")
 
     def load_records(self, recipe: Any, tokenizer: Any, *, vision: bool) -> list[dict[str, Any]] | None:
         """Image records for a vision-language run (the mitigations may rebalance them); text LM data has none."""

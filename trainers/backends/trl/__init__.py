@@ -20,8 +20,11 @@ train R`` (``llm-limits train`` starts it itself for ``trainer.devices > 1``).
 """
 
 from llm_limits.trainers.backends.trl.data import build_datasets, grpo_rows, load_prompt_records, prm_rows, split
-from llm_limits.trainers.backends.trl.fit import TRLBackend, deepspeed_config, fit, save_trained, training_kwargs
-from llm_limits.trainers.backends.trl.trainers import PRMTrainer, process_advantages, token_char_spans
+from llm_limits.trainers.backends.trl.fit import (
+    TRLBackend, deepspeed_config, ensure_distributed_env, fit, save_trained, training_kwargs,
+)
+from llm_limits.trainers.backends.trl.trainers import PRMTrainer, process_advantages, sft_trainer, token_char_spans
 
-__all__ = ["PRMTrainer", "TRLBackend", "build_datasets", "deepspeed_config", "fit", "grpo_rows", "load_prompt_records",
-           "process_advantages", "prm_rows", "save_trained", "split", "token_char_spans", "training_kwargs"]
+__all__ = ["PRMTrainer", "TRLBackend", "build_datasets", "deepspeed_config", "ensure_distributed_env", "fit", "grpo_rows",
+           "load_prompt_records", "process_advantages", "prm_rows", "save_trained", "sft_trainer", "split",
+           "token_char_spans", "training_kwargs"]

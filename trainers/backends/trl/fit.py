@@ -209,7 +209,7 @@ def fit(
     if spec.max_tokens:  # sft only (recipe rule): the token budget becomes steps, and a callback enforces it
         kw.update(budget_steps(spec, mean_example_tokens(train_ds, tokenizer) * rows_per_step, has_val=val_ds is not None))
     if algo == "sft":
-        trainer = sft_trainer(model, tokenizer, recipe, kw, (train_ds, val_ds), [callback])
+        trainer = sft_trainer(model, tokenizer, recipe, kw, (train_ds, val_ds), [callback], hooks)
         if recipe.data.packing == "per_document" and spec.max_tokens:  # a step now holds packed rows: recount the steps the budget buys
             packed = trainer.train_dataset["input_ids"]
             per_row = sum(len(ids) for ids in packed) / max(1, len(packed))
@@ -292,12 +292,17 @@ class TRLBackend:
     """``trainer.backend: trl``: SFT, GRPO and PRM through TRL/HF trainers (:mod:`llm_limits.trainers.backends.base`)."""
 
     name = "trl"
+    prompt_data = True
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self.head = "token_classification" if recipe.trainer.trl.algorithm == "prm" else "causal_lm"
 
-    def check(self, hooks: HookDriver) -> None:
-        """Nothing to refuse: SFT ignores rewards, GRPO needs them (checked when the data is built)."""
+    def check(self, mitigations: list[Mitigation]) -> None:
+        """GRPO needs a reward from an enabled mitigation."""
+        if self.recipe.trainer.trl.algorithm == "grpo" and not any(m.enabled and m.reward_fns() for m in mitigations):
+            raise UserError("mitigations: GRPO needs a reward: add an enabled mitigation that provides one "
+                            "(e.g. - name: process_rewards)")
 
     def load_records(self, recipe: Recipe, tokenizer: Any, *, vision: bool) -> list[dict[str, Any]] | None:
         return load_prompt_records(recipe.data, recipe.seed, tokenizer)

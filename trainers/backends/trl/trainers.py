@@ -62,7 +62,7 @@ def _sft_trainer_cls() -> type:
 
 def sft_trainer(
     model: Any, tokenizer: Any, recipe: Recipe, kw: dict[str, Any], datasets: tuple[Dataset, Dataset | None],
-    callbacks: list[TrainerCallback],
+    callbacks: list[TrainerCallback], hooks: HookDriver | None = None,
 ) -> Any:
     """The SFT trainer of a recipe: loss on the completion only. ``data.packing: per_document`` turns on TRL's
     best-fit-decreasing packing, padding-free: each micro-batch is one flat row of whole examples with position ids
@@ -72,8 +72,10 @@ def sft_trainer(
     args = SFTConfig(**kw, max_length=recipe.data.seq_len, completion_only_loss=True,
                      packing=recipe.data.packing == "per_document", packing_strategy="bfd", dataset_num_proc=None,
                      remove_unused_columns=True)
-    return _sft_trainer_cls()(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
-                              processing_class=tokenizer, callbacks=callbacks)
+    trainer = _sft_trainer_cls()(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
+                                 processing_class=tokenizer, callbacks=callbacks)
+    trainer.hooks = hooks if hooks is not None else HookDriver([])  # no mitigation: the plain SFT loss
+    return trainer
 
 
 def token_char_spans(tokenizer: Any, ids: list[int]) -> list[tuple[int, int]]:
