@@ -15,7 +15,7 @@ from llm_limits.trainers.backends.checkpoints import last_good_checkpoint
 
 from tests.conftest import TINY
 from tests.test_cli import run_in_process
-from tests.test_trl_backend import trl_recipe, write
+from tests.test_trl_backend import backend_recipe, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,12 +43,7 @@ def poison(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["lightning", "trl"])
 def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, poison, backend):
-    if backend == "trl":
-        r = trl_recipe(tmp_path, "sft")
-        r["evals"] = []
-    else:
-        r = copy.deepcopy(TINY)
-        r["output_dir"] = str(tmp_path / "runs")
+    r = backend_recipe(tmp_path, backend)
     r["trainer"].update(max_steps=8, checkpoint_every=2)
     r["mitigations"] = [{"name": "poison", "at_step": 3}]
     out = run_in_process("train", str(write(tmp_path, r)), "--no-progress")

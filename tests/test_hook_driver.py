@@ -9,8 +9,6 @@ Three defects of the two-backend code each have a test here that failed before t
 
 from __future__ import annotations
 
-import copy
-import shutil
 
 import pytest
 import torch
@@ -20,8 +18,7 @@ from llm_limits.mitigations.noop import NoOp
 from llm_limits.trainers.backends.hooks import STATE_FILE, HookDriver, load_state, save_state
 from llm_limits.trainers.run import train
 
-from tests.conftest import TINY
-from tests.test_trl_backend import trl_recipe, weights, write
+from tests.test_trl_backend import backend_recipe, resume_after_crash, trl_recipe, weights, write
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,13 +45,7 @@ def recorded(monkeypatch):
 
 
 def noop_recipe(tmp_path, backend: str) -> dict:
-    if backend == "trl":
-        r = trl_recipe(tmp_path, "sft")
-        r["evals"] = []
-    else:
-        r = copy.deepcopy(TINY)
-        r["output_dir"] = str(tmp_path / "runs")
-        r["evals"] = []
+    r = backend_recipe(tmp_path, backend)
     r["trainer"].update(max_steps=3, max_tokens=BUDGET, warmup_steps=0, log_every=1)
     r["mitigations"] = [{"name": "noop"}]
     return r
@@ -115,10 +106,6 @@ def test_positional_on_trl_checkpoints_and_resumes_bitwise(tmp_path):
                if "positional/seq_len" in h]
     assert len(lengths) >= 2 and lengths[-1] > lengths[0], lengths  # the warmup moved with the tokens seen
 
-    crashed = tmp_path / "crashed"
-    shutil.copytree(run_dir, crashed, symlinks=True)
-    shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
-    shutil.rmtree(crashed / "model")
-    resumed = train("unused", resume=str(crashed), progress=False, echo=lambda s: None)
+    resumed = resume_after_crash(run_dir, tmp_path, lost="checkpoint-4")
     a, b = weights(run_dir), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -49,6 +49,29 @@ def trl_recipe(tmp_path: Path, algorithm: str, **trl: Any) -> dict[str, Any]:
     return r
 
 
+def backend_recipe(tmp_path: Path, backend: str) -> dict[str, Any]:
+    """A tiny recipe without evals on either backend: chains SFT on TRL, synthetic text on Lightning."""
+    if backend == "trl":
+        r = trl_recipe(tmp_path, "sft")
+    else:
+        r = copy.deepcopy(TINY)
+        r["output_dir"] = str(tmp_path / "runs")
+    r["evals"] = []
+    return r
+
+
+def resume_after_crash(run_dir: Path, tmp_path: Path, lost: str) -> Path:
+    """A copy of a finished run as a crash would leave it: checkpoint folder ``lost`` and the final model never
+    written. Resumes it with ``--resume`` and returns the resumed run's directory."""
+    import shutil
+
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run_dir, crashed, symlinks=True)
+    shutil.rmtree(crashed / "checkpoints" / lost)
+    shutil.rmtree(crashed / "model")
+    return train("unused", resume=str(crashed), progress=False, echo=lambda s: None)
+
+
 def write(tmp_path: Path, recipe: dict[str, Any], name: str = "r.yaml") -> Path:
     import yaml
 
@@ -197,13 +220,7 @@ def test_sft_trains_and_resumes_exactly(tmp_path):
     assert not (run_dir / "model" / "training_args.bin").exists()
 
     # A crash after step 3: the last checkpoint is step 2. --resume continues from it and ends with the same weights.
-    import shutil
-
-    crashed = tmp_path / "crashed"
-    shutil.copytree(run_dir, crashed, symlinks=True)
-    shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
-    shutil.rmtree(crashed / "model")
-    resumed = train("unused", resume=str(crashed), progress=False, echo=lambda s: None)
+    resumed = resume_after_crash(run_dir, tmp_path, lost="checkpoint-4")
     a, b = weights(run_dir), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
