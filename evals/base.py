@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 AxisValue = float
 """Axis values are stored as floats (JSON keys become strings; :meth:`EvalResult.from_dict` turns them back)."""
@@ -127,6 +127,10 @@ class EvalResult:
     version: str = ""
     """Version of the eval that measured it (:attr:`Eval.version`); results of different versions measure different
     things. ``""`` in a result written before evals had versions."""
+    prompt_format: str = ""
+    """How the eval wrote its prompts: ``chat`` (each prompt one user turn of the tokenizer's chat template) or
+    ``plain`` (the task's text as it is), the :attr:`EvalConfig.prompt_format` resolved for the tokenizer. ``""`` in a
+    result written before evals had prompt formats."""
     scalars: dict[str, float] = field(default_factory=dict)
     """Other named numbers of the measurement (reference loss, chance loss, token counts...)."""
     notes: list[str] = field(default_factory=list)
@@ -155,6 +159,7 @@ class EvalResult:
             limit_value=float(d["limit_value"]),
             threshold=float(d["threshold"]),
             version=str(d.get("version", "")),
+            prompt_format=str(d.get("prompt_format", "")),
             scalars=dict(d.get("scalars", {})),
             notes=list(d.get("notes", [])),
             series={k: Series.from_dict(v) for k, v in d.get("series", {}).items()},
@@ -198,6 +203,23 @@ class EvalConfig:
     """Examples per forward pass."""
     seed: int = 1234
     """Seed of the held-out data the eval generates (kept apart from the training seed)."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """How the eval writes the prompts the model answers: ``chat`` wraps each prompt (the question or context the
+    model must answer) as one user turn of the tokenizer's chat template, with the generation prompt after it, and the
+    answer follows that (how an instruct model was trained); ``plain`` gives the task's text as it is; ``auto``:
+    ``chat`` when the tokenizer has a chat template, else ``plain``. Evals whose input is not a prompt
+    (``positional_loss``: raw text; ``multimodal``: the LLaVA rows' own format) are always ``plain`` and refuse
+    ``chat``. The result says which was used (:attr:`EvalResult.prompt_format`)."""
+
+
+class FieldError(ValueError):
+    """A ``ValueError`` about one field of an eval's config, found when the eval meets the model (``check``): its
+    message starts with the field's name (``prompt_format: ...``), so the recipe check names it ``evals[i].<field>``.
+    """
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
 
 
 class Eval:

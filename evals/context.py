@@ -29,6 +29,11 @@ padding. Where lengths differ inside a batch they are LEFT padded (every row's l
 column), with an attention mask that hides the pads and position ids that count real tokens only (``cumsum(mask) -
 1``), so every row sees exactly the positions and keys it would see alone; ``tests/test_context_eval.py`` checks that
 batched and one-at-a-time decoding give the same tokens.
+
+Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`` (``auto`` with a tokenizer that has a
+chat template) the haystack and the query are one user turn of the template and the answer is decoded after its
+generation prompt; the needle spans move with the context, found in the wrapped prompt. ``plain`` is ``context +
+query`` as it is. The lengths stay context lengths: the template's tokens come on top.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ import torch
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, read_limit
-from llm_limits.evals.lm import (MAX_UNK_FRACTION, accepts, decode_texts, eval_mode, has_rope, left_pad, length_buckets,
-                                 pad_id, position_range, unk_fraction)
+from llm_limits.evals.lm import (MAX_UNK_FRACTION, accepts, decode_texts, eval_mode, format_prompt, has_rope, left_pad,
+                                 length_buckets, pad_id, position_range, resolve_prompt_format, unk_fraction)
 from llm_limits.evals.tasks import TASKS
 from llm_limits.evals.tasks.ruler import TASK_NAMES, load_jsonl, prompt_text
 
@@ -205,19 +210,23 @@ def effective_length(curve: Mapping[float, float], threshold: float) -> float:
 # --- model-facing functions ------------------------------------------------------------------------------------------
 def predict_records(
     model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int, max_new_tokens: int,
-    device: str = "cpu",
+    device: str = "cpu", prompt_format: str = "plain",
 ) -> list[str]:
-    """Decoded greedy continuations of ``prompt_text(record)`` (tokenized without special tokens), in record order,
-    computed in length-bucketed batches of at most ``batch_size`` (``batch_size=1``: one prompt at a time)."""
-    return decode_texts(model, tokenizer, [prompt_text(r) for r in records], batch_size, max_new_tokens, device)
+    """Decoded greedy continuations of ``prompt_text(record)`` written in ``prompt_format``
+    (:func:`evals.lm.format_prompt`: the haystack and the query as one user turn under ``chat``) and tokenized without
+    special tokens, in record order, computed in length-bucketed batches of at most ``batch_size`` (``batch_size=1``:
+    one prompt at a time)."""
+    prompts = [format_prompt(tokenizer, prompt_text(r), prompt_format) for r in records]
+    return decode_texts(model, tokenizer, prompts, batch_size, max_new_tokens, device)
 
 
 def score_records(
     model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int, max_new_tokens: int,
-    device: str = "cpu",
+    device: str = "cpu", prompt_format: str = "plain",
 ) -> list[bool]:
-    """Whether the model's greedy continuation of each record's prompt is its answer (:func:`is_correct`)."""
-    predictions = predict_records(model, tokenizer, records, batch_size, max_new_tokens, device)
+    """Whether the model's greedy continuation of each record's prompt (in ``prompt_format``) is its answer
+    (:func:`is_correct`)."""
+    predictions = predict_records(model, tokenizer, records, batch_size, max_new_tokens, device, prompt_format)
     return [is_correct(p, r["answer"]) for p, r in zip(predictions, records)]
 
 
@@ -251,31 +260,47 @@ def eager_attention(model: Any) -> Iterator[bool]:
         setter(previous)
 
 
+def needle_tokens(
+    tokenizer: Any, record: Mapping[str, Any], prompt_format: str = "plain"
+) -> tuple[list[int], list[bool], int] | None:
+    """The token ids of a record's prompt written in ``prompt_format`` (no special tokens added), which of them carry a
+    needle, and how many context tokens do not. ``None`` when the tokenizer gives no offsets, or a chat template
+    rewrote the context (it cannot be found in the prompt).
+
+    Needle tokens come from ``needle_spans`` (character offsets in ``record["context"]``, moved to where the context
+    sits in the prompt: its start under ``plain``, after the template's head under ``chat``) through the tokenizer's
+    ``offset_mapping``: a token is a needle token when its characters overlap a span (:func:`needle_token_mask`).
+    """
+    text = format_prompt(tokenizer, prompt_text(record), prompt_format)
+    shift = text.find(record["context"])
+    if shift < 0:
+        return None
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    needle = needle_token_mask(offsets, [(s + shift, e + shift) for s, e in record["needle_spans"]])
+    in_context = needle_token_mask(offsets, [(shift, shift + len(record["context"]))])
+    return list(enc["input_ids"]), needle, sum(in_context) - sum(n and c for n, c in zip(needle, in_context))
+
+
 def needle_attention(
-    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int, device: str = "cpu"
+    model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]], batch_size: int, device: str = "cpu",
+    prompt_format: str = "plain",
 ) -> tuple[list[float], list[int]] | None:
     """Per record: the needle's share of the last prompt token's attention (:func:`needle_attention_mass`) and the
-    number of non-needle context tokens. ``None`` when the model gives no attention weights (or the tokenizer no
-    offsets).
-
-    Needle tokens come from ``needle_spans`` (character offsets in ``record["context"]``) through the tokenizer's
-    ``offset_mapping``: a token is a needle token when its characters overlap a span (:func:`needle_token_mask`).
+    number of non-needle context tokens, on the prompt written in ``prompt_format`` (:func:`needle_tokens`). ``None``
+    when the model gives no attention weights (or the tokenizer no offsets, or a chat template rewrote the context).
     """
     prompts, masks, distractors = [], [], []
     for r in records:
-        text = prompt_text(r)
-        shift = text.find(r["context"])  # the context opens the prompt; find() also covers a prefix
-        try:
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except (NotImplementedError, TypeError, ValueError):
+        got = needle_tokens(tokenizer, r, prompt_format)
+        if got is None:
             return None
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        spans = [(s + shift, e + shift) for s, e in r["needle_spans"]]
-        needle = needle_token_mask(offsets, spans)
-        in_context = needle_token_mask(offsets, [(shift, shift + len(r["context"]))])
-        prompts.append(enc["input_ids"])
-        masks.append(needle)
-        distractors.append(sum(in_context) - sum(n and c for n, c in zip(needle, in_context)))
+        prompts.append(got[0])
+        masks.append(got[1])
+        distractors.append(got[2])
     masses = [0.0] * len(records)
     with eval_mode(model), eager_attention(model) as eager:
         if not eager:
@@ -360,6 +385,7 @@ class Context(Eval):
     def check(self, model: Any, tokenizer: Any) -> None:
         c = self.config
         self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         sample = self._sample(tokenizer)
         text = "".join(prompt_text(r) + r["answer"] for r in sample)
         frac = unk_fraction(tokenizer, text)
@@ -370,7 +396,7 @@ class Context(Eval):
         model_config = getattr(model, "config", None)
         n_pos = position_range(model_config)
         if n_pos is not None and not has_rope(model_config):
-            needed = max(len(tokenizer(prompt_text(r), add_special_tokens=False)["input_ids"]) for r in sample)
+            needed = max(_n_tokens(tokenizer, format_prompt(tokenizer, prompt_text(r), fmt)) for r in sample)
             needed += self._max_new_tokens(tokenizer, sample)
             if needed > n_pos:
                 longest = max(c.lengths) if c.path is None else "the file's"
@@ -383,6 +409,7 @@ class Context(Eval):
         measurements at each length."""
         c = self.config
         spec = self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         notes: list[str] = []
         cells, chars_per_token = self._cells(tokenizer)  # {(length, depth): records}, in grid order
         lengths = sorted({x for x, _ in cells})
@@ -396,7 +423,7 @@ class Context(Eval):
         for length in lengths:
             keys = [k for k in cells if k[0] == length]
             records = [r for k in keys for r in cells[k]]
-            correct = score_records(model, tokenizer, records, c.batch_size, max_new, device)
+            correct = score_records(model, tokenizer, records, c.batch_size, max_new, device, fmt)
             start = 0
             for k in keys:
                 n = len(cells[k])
@@ -445,25 +472,26 @@ class Context(Eval):
                          f"the position range it declares")
 
         if c.attention_mass:
-            self._attention_series(model, tokenizer, cells, lengths, device, progress, series, scalars, notes)
+            self._attention_series(model, tokenizer, cells, lengths, device, progress, series, scalars, notes, fmt)
         if c.position_loss:
             self._position_loss_series(model, tokenizer, lengths[-1], n_pos, device, series, scalars, notes)
 
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                           scalars=scalars, notes=notes, series=series, grids=grids)
+                           prompt_format=fmt, scalars=scalars, notes=notes, series=series, grids=grids)
 
     # --- secondary measurements ------------------------------------------------------------------------------------
-    def _attention_series(self, model, tokenizer, cells, lengths, device, progress, series, scalars, notes) -> None:
+    def _attention_series(self, model, tokenizer, cells, lengths, device, progress, series, scalars, notes,
+                          fmt) -> None:
         points, masses_all = {}, []
         for length in tqdm(lengths, desc="context attention", unit="length", disable=not progress, leave=False):
             # a file's records may not say where their needles are; those cannot be measured
             records = [r for k, recs in cells.items() if k[0] == length for r in recs if r.get("needle_spans")]
             if not records:
                 continue
-            got = needle_attention(model, tokenizer, records, self.config.batch_size, device)
+            got = needle_attention(model, tokenizer, records, self.config.batch_size, device, fmt)
             if got is None:
                 notes.append("attention_mass skipped: the model gives no attention weights under eager attention "
-                             "(or the tokenizer gives no offsets)")
+                             "(or the tokenizer gives no offsets, or the chat template rewrote the context)")
                 return
             masses, distractors = got
             mean_mass = sum(masses) / len(masses)

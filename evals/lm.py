@@ -5,6 +5,9 @@ imports only :mod:`evals.base`, this module, :mod:`evals.vlm`, :mod:`evals.retri
 
 - models and tokenizers: what a model config declares (:func:`position_range`, :func:`has_rope`) and what a tokenizer
   can spell (:func:`unk_fraction`, :func:`spells`, :func:`count_tokens`, :func:`check_positions`);
+- prompt formats: how an eval writes a prompt for the tokenizer, in its chat template or as plain text
+  (:func:`resolve_prompt_format`, :func:`format_prompt`), the one definition the evals and the TRL backend's training
+  prompts share;
 - batching and decoding: :func:`length_buckets` sorts prompts by length so most batches need no padding,
   :func:`left_pad` pads the rest on the left with position ids that skip the pads, :func:`greedy_decode` decodes one
   batch with the KV cache, :func:`decode_texts` runs it over text prompts, and :class:`Sampler` turns the same
@@ -31,6 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from llm_limits.evals.base import FieldError
 from llm_limits.evals.tasks import chains, kb
 from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP, ChainsConfig
 
@@ -103,6 +107,86 @@ def check_positions(
         raise ValueError(f"{where}: the longest prompt ({longest} tokens, {what}) plus max_new_tokens={max_new_tokens} "
                          f"needs {needed} positions but the model's position range is {n_pos}; lower "
                          f"{field_name + ' or ' if field_name else ''}max_new_tokens")
+
+
+# --- prompt formats --------------------------------------------------------------------------------------------------
+PROMPT_FORMATS = ("auto", "chat", "plain")
+"""Values of an eval's (and the recipe's ``data``) ``prompt_format``."""
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` has a chat template (``tokenizer.chat_template`` set and not empty)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_prompt_format(tokenizer: Any, fmt: str) -> str:
+    """``chat`` or ``plain``: the prompt format ``fmt`` (``auto``, ``chat`` or ``plain``) means for ``tokenizer``.
+    ``auto`` is ``chat`` when the tokenizer has a chat template, else ``plain``. ``chat`` asked of a tokenizer without
+    a template is a :class:`~evals.base.FieldError` on ``prompt_format``; an unknown value a ``ValueError``.
+
+    >>> from types import SimpleNamespace
+    >>> chat, plain = SimpleNamespace(chat_template="{{ x }}"), SimpleNamespace(chat_template=None)
+    >>> resolve_prompt_format(chat, "auto"), resolve_prompt_format(plain, "auto"), resolve_prompt_format(chat, "plain")
+    ('chat', 'plain', 'plain')
+    >>> resolve_prompt_format(plain, "chat")
+    Traceback (most recent call last):
+    ...
+    llm_limits.evals.base.FieldError: prompt_format: chat, but the tokenizer has no chat template
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise FieldError("prompt_format", f"expected one of {', '.join(PROMPT_FORMATS)} (got {fmt!r})")
+    if fmt == "auto":
+        return "chat" if has_chat_template(tokenizer) else "plain"
+    if fmt == "chat" and not has_chat_template(tokenizer):
+        raise FieldError("prompt_format", "chat, but the tokenizer has no chat template")
+    return fmt
+
+
+def format_prompt(tokenizer: Any, text: str, fmt: str) -> str:
+    """``text`` as the model reads it under the prompt format ``fmt`` (:func:`resolve_prompt_format`): ``plain``
+    returns ``text`` itself; ``chat`` makes it one user turn of the tokenizer's chat template followed by the
+    generation prompt (``apply_chat_template(..., add_generation_prompt=True, tokenize=False)``), so the answer written
+    after it is the assistant's turn.
+
+    The chat string already holds whatever the template writes (its BOS, role tokens, a default system turn): tokenize
+    it with ``add_special_tokens=False``, as every eval does, or the BOS is doubled. ``text`` is kept whole inside the
+    turn (with a template that does not rewrite the content), so character offsets into ``text`` move by
+    ``format_prompt(...).find(text)``.
+
+    >>> format_prompt(None, "Q:3+4\\n", "plain")
+    'Q:3+4\\n'
+    """
+    if resolve_prompt_format(tokenizer, fmt) == "plain":
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def own_prompt_format(tokenizer: Any, fmt: str) -> str:
+    """The prompt format for a second model's ``tokenizer`` (a reward model or a policy the eval loads itself, trained
+    on prompts in its own format): ``plain`` when ``fmt`` is ``plain``, else that tokenizer's ``auto``.
+
+    >>> from types import SimpleNamespace
+    >>> own_prompt_format(SimpleNamespace(chat_template=None), "chat"), own_prompt_format(SimpleNamespace(), "plain")
+    ('plain', 'plain')
+    """
+    return "plain" if fmt == "plain" else resolve_prompt_format(tokenizer, "auto")
+
+
+def refuse_chat(fmt: str, where: str, why: str) -> None:
+    """The one-line ``ValueError`` of an eval whose input is not a prompt (``why``) when ``chat`` is asked of it;
+    ``auto`` and ``plain`` pass (such an eval is always ``plain``).
+
+    >>> refuse_chat("auto", "positional_loss", "it scores raw text")
+    >>> refuse_chat("chat", "positional_loss", "it scores raw text")
+    Traceback (most recent call last):
+    ...
+    ValueError: positional_loss: prompt_format: chat does not apply (it scores raw text); use auto or plain
+    """
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"{where}: prompt_format: expected one of {', '.join(PROMPT_FORMATS)} (got {fmt!r})")
+    if fmt == "chat":
+        raise ValueError(f"{where}: prompt_format: chat does not apply ({why}); use auto or plain")
 
 
 # --- batching and decoding -------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ log-probability (:func:`evals.vlm.choice_logprobs`, teacher-forced after ``Q: qu
   different answers): ``pair_accuracy`` (both records of a pair right, :func:`pair_accuracy`) and
   ``pair_record_accuracy`` (per record).
 
+Prompt format: always ``plain`` (``prompt_format: auto`` is ``plain`` here, ``chat`` is refused). The prompts are
+``<image>...<image>\\nQ: {question}\\nA: `` (:func:`evals.vlm.prompt_text`), the one format the trainer's
+vision-language rows (``trainers/build/vlm.py``) share with this eval: a LLaVA-style model here learns its image tokens
+and this layout in its own training, whatever chat template its language model came with, so wrapping the prompt in
+that template would ask it something it was never trained to read.
+
 The :class:`~evals.base.LimitSpec`'s curve is accuracy by image signal; the limit value is ``multimodal_gain`` (not a
 point read off the curve: how much the image moves accuracy is the limit), and :attr:`~evals.base.EvalResult.threshold`
 holds the chance accuracy as a reference line. Every number comes from pure functions of embeddings and picked answers
@@ -61,7 +67,7 @@ from tqdm import tqdm
 
 from llm_limits.evals import vlm
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series
-from llm_limits.evals.lm import eval_mode, position_range, spells, unk_fraction
+from llm_limits.evals.lm import eval_mode, position_range, refuse_chat, spells, unk_fraction
 
 TASK_NAMES = ("shapes", "digits", "image_folder")
 
@@ -143,6 +149,8 @@ class MultimodalConfig(EvalConfig):
         t = self.text_only_accuracy
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
             raise ValueError(f"{w}: text_only_accuracy must be within [0, 1] or null (got {t!r})")
+        refuse_chat(self.prompt_format, w, "its prompts are the image-token rows of evals.vlm, the format the "
+                    "vision-language training writes")
         task_fields = _task_fields(self.task)
         for key in self.params:
             if key in SET_BY_EVAL:
@@ -741,4 +749,4 @@ class Multimodal(Eval):
             m = self.measure(model, tokenizer, data, progress=progress)
         curve, limit, threshold, scalars, series, notes = summarize(self.config, data, m)
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=float(threshold),
-                           scalars=scalars, notes=notes, series=series)
+                           prompt_format="plain", scalars=scalars, notes=notes, series=series)

@@ -12,6 +12,10 @@ used". So when the reference loss is within ``min_gain_nats`` of chance, the lim
 
 Everything the limit depends on is a pure function of tensors or dicts (:func:`token_nll`, :func:`bucket_means`,
 :func:`positional_limit`); :class:`PositionalLoss` only builds the data, runs the model and calls them.
+
+Prompt format: always ``plain``. The eval scores raw text at every position, not an answer to a prompt, so a chat
+template has nothing to wrap (``prompt_format: auto`` is ``plain`` here whatever the tokenizer, and ``chat`` is
+refused).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, read_limit
-from llm_limits.evals.lm import MAX_UNK_FRACTION, position_range, unk_fraction
+from llm_limits.evals.lm import MAX_UNK_FRACTION, position_range, refuse_chat, unk_fraction
 from llm_limits.evals.tasks import TASKS
 from llm_limits.evals.tasks.synthetic_text import load_jsonl
 
@@ -179,6 +183,7 @@ class PositionalLoss(Eval):
                              f"(got {c.tolerance} and {c.min_gain_nats})")
         if c.path is None and c.task not in TASKS:
             raise ValueError(f"positional_loss: unknown task {c.task!r} (known: {', '.join(sorted(TASKS))})")
+        refuse_chat(c.prompt_format, "positional_loss", "it scores raw text, not a prompt")
         for key in ("num_docs", "seed"):
             if key in c.task_params:
                 raise ValueError(f"positional_loss: task_params.{key} is set by the eval "
@@ -232,6 +237,7 @@ class PositionalLoss(Eval):
             curve=curve,
             limit_value=float(limit),
             threshold=threshold,
+            prompt_format="plain",  # raw text, never a chat turn
             scalars={
                 "reference_loss": reference,
                 "chance_loss": chance,

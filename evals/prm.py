@@ -11,6 +11,12 @@ right against wrong answers, by the task's verifier. With a ``policy_path`` it r
 (:func:`evals.lm.sample_completions`, the same sampling path as the ``reasoning`` eval's best-of-N) and plots
 accuracy against the number of samples (:func:`evals.lm.best_of_n_accuracy` over :func:`sample_counts`).
 
+Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`` (``auto`` with a reward model
+tokenizer that has a chat template, as the TRL backend's ``data.prompt_format`` trains it) each problem is one user
+turn of the template and the chain follows the generation prompt; the step ends are read at the same characters of
+the chain (:func:`evals.lm.step_positions` counts from the end of the wrapped prompt). The policy of best-of-N reads
+the problem in its own tokenizer's format.
+
 The ``reasoning`` eval (evals/reasoning.py) measures the policy; this one measures the reward model. The pieces both
 use (the held-out and ProcessBench-style chains, the scorer, the best-of-N accuracies) live in :mod:`evals.lm`.
 """
@@ -26,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.lm import (PRMScorer, best_of_n_accuracy, check_chains_spelling, first_errors, has_rope,
-                                 held_out_records, position_range, processbench_f1, processbench_records,
-                                 sample_completions, step_positions, validate_chain_fields)
+from llm_limits.evals.lm import (PRMScorer, best_of_n_accuracy, check_chains_spelling, first_errors, format_prompt,
+                                 has_rope, held_out_records, own_prompt_format, position_range, processbench_f1,
+                                 processbench_records, resolve_prompt_format, sample_completions, step_positions,
+                                 validate_chain_fields)
 from llm_limits.evals.tasks import chains
 from llm_limits.evals.tasks.chains import ANSWER_PREFIX
 
@@ -163,11 +170,12 @@ class ProcessReward(Eval):
         problem = _token_classifier_problem(model)
         if problem is not None:
             raise ValueError(f"prm: {problem}")
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         sample = processbench_records(c, max(c.lengths), "prm")[0]
         text = sample["prompt"] + sample["completion"]
         check_chains_spelling(tokenizer, text, "prm")
         try:
-            ids, _ = step_positions(tokenizer, sample["prompt"], sample["completion"])
+            ids, _ = step_positions(tokenizer, format_prompt(tokenizer, sample["prompt"], fmt), sample["completion"])
         except ValueError as err:
             raise ValueError(f"prm: {str(err).removeprefix('reasoning: ')}") from None
         model_config = getattr(model, "config", None)
@@ -186,6 +194,7 @@ class ProcessReward(Eval):
         ``policy_path``, rerank the policy's sampled chains."""
         c = self.config
         spec = self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         stages = 1 + (2 + int(c.orm_path is not None) if c.policy_path is not None else 0)
         bar = tqdm(total=stages, desc="prm", unit="stage", disable=not progress, leave=False)
         notes: list[str] = []
@@ -195,7 +204,8 @@ class ProcessReward(Eval):
         # --- 1. ProcessBench F1 per length, step and answer AUC
         bar.set_postfix_str("processbench")
         records = [r for length in c.lengths for r in processbench_records(c, length, "prm")]
-        scores = prm.score([r["prompt"] for r in records], [r["completion"] for r in records])
+        scores = prm.score([format_prompt(tokenizer, r["prompt"], fmt) for r in records],
+                           [r["completion"] for r in records])
         pred, gold = first_errors(records, scores)
         curve: dict[float, float] = {}
         scalars: dict[str, float] = {"num_examples": len(records)}
@@ -221,12 +231,12 @@ class ProcessReward(Eval):
 
         # --- 2. best-of-N over the policy's samples
         if c.policy_path is not None:
-            self._best_of_n(prm, device, bar, scalars, series, notes)
+            self._best_of_n(prm, fmt, device, bar, scalars, series, notes)
         elif c.orm_path is not None:
             notes.append("orm_path is set but policy_path is not: there are no samples to rerank, the ORM was not used")
         bar.close()
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                           scalars=scalars, notes=notes, series=series)
+                           prompt_format=fmt, scalars=scalars, notes=notes, series=series)
 
     def _notes(self, curve, limit, scalars, pred, notes) -> None:
         c = self.config
@@ -251,17 +261,21 @@ class ProcessReward(Eval):
             notes.append(f"step_auc {auc:.2f}: the step scores barely separate valid from invalid steps; the F1 "
                          f"depends on the 0.5 cut more than on a learned ranking")
 
-    def _best_of_n(self, prm: PRMScorer, device, bar, scalars, series, notes) -> None:
+    def _best_of_n(self, prm: PRMScorer, fmt: str, device, bar, scalars, series, notes) -> None:
         c = self.config
         n = c.best_of_n
         bar.set_postfix_str("sampling")
         records = [r for length in c.lengths for r in held_out_records(c, length, "prm")]
         prompts = [r["prompt"] for r in records]
         policy, policy_tokenizer = _load_policy(c.policy_path, device)
+        # each model reads the problem in its own tokenizer's format: the policy its own (it loads here with its
+        # tokenizer), the reward model being measured the eval's, an ORM its own
+        policy_fmt = own_prompt_format(policy_tokenizer, c.prompt_format)
         try:
-            texts = sample_completions(policy, policy_tokenizer, prompts, n, batch_size=c.batch_size,
-                                       max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
-                                       device=device)
+            texts = sample_completions(policy, policy_tokenizer,
+                                       [format_prompt(policy_tokenizer, p, policy_fmt) for p in prompts], n,
+                                       batch_size=c.batch_size, max_new_tokens=c.max_new_tokens,
+                                       temperature=c.temperature, seed=c.seed, device=device)
         finally:
             del policy
             if str(device).startswith("cuda"):
@@ -270,13 +284,14 @@ class ProcessReward(Eval):
         repeated = [p for p in prompts for _ in range(n)]
         answers = [chains.parse_completion(t)[1] for t in texts]
         bar.set_postfix_str("prm scoring")
-        prm_scores = prm.score(repeated, texts)
+        prm_scores = prm.score([format_prompt(prm.tokenizer, p, fmt) for p in repeated], texts)
         bar.update(1)
         orm_scores = None
         if c.orm_path is not None:
             bar.set_postfix_str("orm scoring")
             orm = PRMScorer(c.orm_path, device=device, batch_size=c.batch_size)
-            orm_scores = orm.score(repeated, texts)
+            orm_fmt = own_prompt_format(orm.tokenizer, c.prompt_format)
+            orm_scores = orm.score([format_prompt(orm.tokenizer, p, orm_fmt) for p in repeated], texts)
             del orm
             bar.update(1)
         scalars.update(best_of_n_accuracy(records, answers, n, prm_scores=prm_scores, orm_scores=orm_scores))

@@ -31,6 +31,13 @@ The ``prm`` eval (evals/prm.py) measures the reward model itself, on the same Pr
 evals use (the held-out and ProcessBench-style chains, :class:`evals.lm.PRMScorer`, best-of-N sampling and its
 accuracies) live in :mod:`evals.lm`.
 
+Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`` (``auto`` with a tokenizer that has
+a chat template) the problem ``Q:...\\n`` is one user turn of the template and the chain is the assistant's answer
+after its generation prompt; what the probes write into the prompt (the intervened gold steps, the model's own steps
+cut short, the dots, ``A:``) follows the generation prompt as the start of that answer. A reward model
+(``prm_path``, ``orm_path``) reads the problem in its own tokenizer's format (``auto`` for it, unless the eval's is
+``plain``).
+
 Everything the numbers depend on is a pure function (:func:`score_chain`, :func:`mediation_outcome`,
 :func:`step_start`, :func:`early_answer_prompt`, :func:`early_answer_bucket`, :func:`filler_prompt`, and in
 :mod:`evals.lm` :func:`~evals.lm.cut_after_answer`, :func:`~evals.lm.first_flagged`, :func:`~evals.lm.processbench_f1`,
@@ -52,8 +59,9 @@ from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
 from llm_limits.evals.lm import (PRMScorer, best_of_n_accuracy, check_chains_spelling, cut_after_answer, decode_texts,
-                                 first_errors, has_rope, held_out_records, mean, position_range, processbench_f1,
-                                 processbench_records, sample_completions, validate_chain_fields)
+                                 first_errors, format_prompt, has_rope, held_out_records, mean, own_prompt_format,
+                                 position_range, processbench_f1, processbench_records, resolve_prompt_format,
+                                 sample_completions, validate_chain_fields)
 from llm_limits.evals.tasks import chains
 from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP
 
@@ -229,6 +237,7 @@ class Reasoning(Eval):
     def check(self, model: Any, tokenizer: Any) -> None:
         c = self.config
         self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         sample = self._records(max(c.lengths))[:1]
         text = sample[0]["prompt"] + sample[0]["completion"]
         check_chains_spelling(tokenizer, text, "reasoning")
@@ -243,7 +252,8 @@ class Reasoning(Eval):
         model_config = getattr(model, "config", None)
         n_pos = position_range(model_config)
         if n_pos is not None and not has_rope(model_config):
-            needed = len(tokenizer(sample[0]["prompt"], add_special_tokens=False)["input_ids"]) + c.max_new_tokens
+            prompt = format_prompt(tokenizer, sample[0]["prompt"], fmt)
+            needed = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + c.max_new_tokens
             if needed > n_pos:
                 raise ValueError(f"reasoning: a {max(c.lengths)}-step prompt plus max_new_tokens={c.max_new_tokens} "
                                  f"needs {needed} positions but the model's position range is {n_pos}; lower them")
@@ -252,7 +262,11 @@ class Reasoning(Eval):
         """Decode every held-out chain on ``model`` (already on ``device``), then the secondary measurements."""
         c = self.config
         spec = self.spec()
-        data = {length: self._records(length) for length in c.lengths}
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
+        # every prompt the policy answers is the problem written in fmt (under chat: one user turn); what the probes
+        # add after it (the gold steps, the model's own steps, dots) is the start of the assistant's answer
+        data = {length: [dict(r, prompt=format_prompt(tokenizer, r["prompt"], fmt), plain_prompt=r["prompt"])
+                         for r in self._records(length)] for length in c.lengths}
         records = [r for length in c.lengths for r in data[length]]
         stages = 1 + int(c.mediation) + 2 * int(c.probes) + int(c.prm_path is not None) + int(c.best_of_n > 0) \
             + int(c.data_path is not None)
@@ -314,12 +328,12 @@ class Reasoning(Eval):
             notes.append("orm_path is set but best_of_n is 0: the ORM was not used")
         if c.data_path is not None:
             bar.set_postfix_str("user data")
-            self._user_data(model, tokenizer, device, scalars, notes)
+            self._user_data(model, tokenizer, device, scalars, notes, fmt)
             bar.update(1)
         bar.close()
 
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                           scalars=scalars, notes=notes, series=series)
+                           prompt_format=fmt, scalars=scalars, notes=notes, series=series)
 
     # --- secondary measurements ------------------------------------------------------------------------------------
     def _mediation(self, model, tokenizer, data, device, scalars, series, notes) -> None:
@@ -414,7 +428,9 @@ class Reasoning(Eval):
     def _processbench(self, prm: PRMScorer, scalars, notes) -> None:
         c = self.config
         records = [r for length in c.lengths for r in processbench_records(c, length, "reasoning")]
-        scores = prm.score([r["prompt"] for r in records], [r["completion"] for r in records])
+        fmt = own_prompt_format(prm.tokenizer, c.prompt_format)
+        scores = prm.score([format_prompt(prm.tokenizer, r["prompt"], fmt) for r in records],
+                           [r["completion"] for r in records])
         pred, gold = first_errors(records, scores)
         result = processbench_f1(pred, gold)
         scalars["prm_step_f1"] = result["f1"]
@@ -430,20 +446,27 @@ class Reasoning(Eval):
         texts = sample_completions(model, tokenizer, [r["prompt"] for r in records], n, batch_size=c.batch_size,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
                                    device=device)
-        prompts = [r["prompt"] for r in records for _ in range(n)]
         answers = [chains.parse_completion(t)[1] for t in texts]
-        prm_scores = prm.score(prompts, texts) if prm is not None else None
-        orm_scores = orm.score(prompts, texts) if orm is not None else None
+
+        def scored_by(scorer: PRMScorer | None) -> list[list[float]] | None:
+            # a reward model reads the problem in its own tokenizer's format (records hold the policy's prompts)
+            if scorer is None:
+                return None
+            fmt = own_prompt_format(scorer.tokenizer, c.prompt_format)
+            prompts = [format_prompt(scorer.tokenizer, r["plain_prompt"], fmt) for r in records for _ in range(n)]
+            return scorer.score(prompts, texts)
+
+        prm_scores, orm_scores = scored_by(prm), scored_by(orm)
         scalars.update(best_of_n_accuracy(records, answers, n, prm_scores=prm_scores, orm_scores=orm_scores))
 
-    def _user_data(self, model, tokenizer, device, scalars, notes) -> None:
+    def _user_data(self, model, tokenizer, device, scalars, notes, fmt) -> None:
         c = self.config
         records = [r for r in chains.load_jsonl(c.data_path) if r.get("gold_answer") is not None]
         if not records:
             notes.append(f"user data: no record of {c.data_path} has a gold answer; user_accuracy not measured")
             return
-        texts = decode_texts(model, tokenizer, [r["prompt"] for r in records], c.batch_size, c.max_new_tokens,
-                             device)
+        texts = decode_texts(model, tokenizer, [format_prompt(tokenizer, r["prompt"], fmt) for r in records],
+                             c.batch_size, c.max_new_tokens, device)
         correct = []
         for r, t in zip(records, texts):
             answer = answer_of(t)

@@ -30,6 +30,10 @@ Around the curve:
   distractors only; the fraction answering :data:`kb.ABSTAIN`, and the fraction answering anything else.
 - ``recall@1`` / ``recall@5``: the retriever itself (every oracle passage of a question within the top k).
 
+Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`` (``auto`` with a tokenizer that has
+a chat template) each prompt, passages and question, is one user turn of the template and the completion is decoded
+after its generation prompt; :class:`Case` keeps the plain prompt (the budgets count passage lines, not the template).
+
 Every number comes from pure functions of the contexts and the completions (:func:`build_cases`, :func:`score_cases`,
 :func:`summarize`); the model is reached through one method, :meth:`Retrieval.answer` (greedy decoding through
 :func:`evals.lm.decode_texts`), so the metrics are tested with scripted answerers.
@@ -46,7 +50,8 @@ from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
 from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
-                                 count_tokens, decode_texts, kb_config, rate, sample_distractors, validate_kb_fields)
+                                 count_tokens, decode_texts, format_prompt, kb_config, rate, resolve_prompt_format,
+                                 sample_distractors, validate_kb_fields)
 from llm_limits.evals.tasks import kb
 
 EVAL_KB_SEED = 1_000_003
@@ -461,16 +466,19 @@ class Retrieval(Eval):
     def check(self, model: Any, tokenizer: Any) -> None:
         c = self.config
         self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         knowledge = kb.build_kb(kb_config(c, "retrieval"))
         sample = self.questions(knowledge)[0]
         check_kb_spelling(tokenizer, sample["prompt"] + sample["completion"] + kb.ABSTAIN + kb.CONFLICT, "retrieval")
         cases, _ = self.contexts(tokenizer)
         longest = max(cases, key=lambda cs: count_tokens(tokenizer, cs.prompt))
-        check_positions(model, count_tokens(tokenizer, longest.prompt), c.max_new_tokens, "retrieval",
-                        f"a {longest.part} context of {len(longest.passages)} passages", PART_FIELDS[longest.part])
+        check_positions(model, count_tokens(tokenizer, format_prompt(tokenizer, longest.prompt, fmt)),
+                        c.max_new_tokens, "retrieval", f"a {longest.part} context of {len(longest.passages)} passages",
+                        PART_FIELDS[longest.part])
 
     def answer(self, model: Any, tokenizer: Any, prompts: Sequence[str], device: str = "cpu") -> list[str]:
-        """The model's greedy completions of ``prompts`` (the only place the eval touches the model)."""
+        """The model's greedy completions of ``prompts``, already written in the prompt format (the only place the
+        eval touches the model)."""
         c = self.config
         return decode_texts(model, tokenizer, list(prompts), c.batch_size, c.max_new_tokens, device)
 
@@ -478,6 +486,7 @@ class Retrieval(Eval):
         """Build every context, answer each family's prompts on ``model`` (already on ``device``), score."""
         c = self.config
         spec = self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         cases, recall = self.contexts(tokenizer)
         parts = [p for p in PARTS if any(cs.part == p for cs in cases)]
         completions = [""] * len(cases)
@@ -485,10 +494,11 @@ class Retrieval(Eval):
         for part in parts:
             bar.set_postfix_str(part)
             index = [i for i, cs in enumerate(cases) if cs.part == part]
-            for i, text in zip(index, self.answer(model, tokenizer, [cases[i].prompt for i in index], device)):
+            prompts = [format_prompt(tokenizer, cases[i].prompt, fmt) for i in index]  # chat: one user turn each
+            for i, text in zip(index, self.answer(model, tokenizer, prompts, device)):
                 completions[i] = text
             bar.update(1)
         bar.close()
         curve, limit, scalars, series, notes = summarize(c, score_cases(cases, completions), recall)
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
-                           scalars=scalars, notes=notes, series=series)
+                           prompt_format=fmt, scalars=scalars, notes=notes, series=series)

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from llm_limits.evals import EVALS
-from llm_limits.evals.base import Eval
+from llm_limits.evals.base import Eval, FieldError
 from llm_limits.mitigations import MITIGATIONS
 from llm_limits.mitigations.base import Mitigation
 from llm_limits.trainers.backends import BACKENDS, Backend, HookDriver
@@ -122,6 +122,8 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         ev = EVALS[name](config)
         try:
             ev.check(model, tokenizer)
+        except FieldError as e:  # about one field of the entry: evals[i].prompt_format: ...
+            raise UserError(f"evals[{i}].{e}") from None
         except ValueError as e:
             raise UserError(f"evals[{i}]: {e}") from None
         seen[name] = seen.get(name, 0) + 1

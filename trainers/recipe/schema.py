@@ -137,6 +137,13 @@ class DataSpec(Strict):
     """A folder the recipe's data files must stay inside: ``data.path``, an image folder's ``data.params.root`` and
     every eval's ``path`` are refused if they resolve (symlinks followed) outside it. Unset: no restriction (an image
     folder's images still must stay inside its own root)."""
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    """How the TRL backend writes the prompts of its prompt/completion records (SFT, GRPO and reward models), the way
+    the evals write theirs (``evals[i].prompt_format``), so a fine-tune and its evals see the same prompts: ``chat``
+    makes each prompt one user turn of the tokenizer's chat template followed by the generation prompt, and the
+    completion is the assistant's answer after it; ``plain`` trains on the prompt as it is; ``auto``: ``chat`` when the
+    tokenizer has a chat template, else ``plain``. The Lightning backend trains on plain text (``chat`` is refused
+    there)."""
 
     @model_validator(mode="after")
     def _known_task(self) -> "DataSpec":
@@ -461,6 +468,10 @@ def _check_backend(recipe: Recipe, source: str) -> None:
     """Cross-section rules of the TRL backend (the schema of one section cannot see the others)."""
     t = recipe.trainer
     if t.backend != "trl":
+        if recipe.data.prompt_format == "chat":
+            raise UserError(f"{source}: data.prompt_format: chat writes the prompts of the trl backend's "
+                            f"prompt/completion records; the {t.backend} backend trains on plain text (use auto or "
+                            "plain)")
         return
     packing = recipe.data.packing
     if t.trl.algorithm == "sft" and packing == "blocks":

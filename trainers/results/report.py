@@ -132,6 +132,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                 f"(threshold {_num(res['threshold'])}); "
                 + ", ".join(f"{k} {_num(v)}" for k, v in res.get("scalars", {}).items())
             )
+            if res.get("prompt_format"):  # chat: each prompt one user turn of the tokenizer's chat template
+                lines.append(f"  - prompt format: {res['prompt_format']}")
             lines += [f"  - note: {n}" for n in res.get("notes", [])]
         if key in plots:
             lines += ["", f"![{key}]({plots[key]})"]

@@ -1,5 +1,6 @@
-"""The TRL backend's data: prompt/completion records (a task generator or a user's JSONL), the SFT, GRPO and
-reward-model datasets built from them, and Math-Shepherd Monte Carlo relabelling."""
+"""The TRL backend's data: prompt/completion records (a task generator or a user's JSONL), their prompts written in
+``data.prompt_format`` (the evals' own chat wrapping), the SFT, GRPO and reward-model datasets built from them, and
+Math-Shepherd Monte Carlo relabelling."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Callable
 import torch
 from datasets import Dataset
 
+from llm_limits.evals.lm import format_prompt, resolve_prompt_format
 from llm_limits.evals.tasks.chains import STEP_SEP
 from llm_limits.evals.tasks.jsonl import json_objects
 from llm_limits.trainers.backends.base import is_rank_zero
@@ -55,6 +57,45 @@ def load_prompt_records(spec: DataSpec, seed: int, tokenizer: Any) -> list[dict[
     return records
 
 
+def format_prompts(
+    records: list[dict[str, Any]], tokenizer: Any, prompt_format: str
+) -> tuple[list[dict[str, Any]], str]:
+    """The records with each ``prompt`` written in ``data.prompt_format`` by the evals' own
+    :func:`~llm_limits.evals.lm.format_prompt`, and the format used (``chat`` or ``plain``). Under ``chat`` a prompt is
+    one user turn of the tokenizer's chat template followed by the generation prompt, byte for byte what an eval with
+    ``prompt_format: auto`` asks the model, and the completion (every other field too) is unchanged: it is the
+    assistant's answer. ``plain`` returns the records themselves.
+
+    Why strings and not TRL's conversational records (``[{"role": "user", ...}]``, which SFTTrainer renders itself):
+    the chat-formatted prompt stays a plain string, so the same rows serve SFT, GRPO (whose rewards read ``prompts``
+    as text) and reward models (whose step labels sit at character offsets past ``len(prompt)``,
+    :func:`~llm_limits.evals.lm.step_positions`), and the training text is exactly the eval's prompt followed by the
+    completion. Completion-only loss stays TRL's prompt/completion rule: the loss starts where the tokenized prompt
+    and prompt + completion part ways (the generation prompt ends on a template token and a newline, so nothing
+    merges across the boundary) and covers the completion and the EOS TRL appends. A conversational record would
+    instead be rendered as a whole assistant turn by the template (for SmolLM2 ``...<|im_end|>\\n``), a string the
+    evals never decode from."""
+    try:
+        fmt = resolve_prompt_format(tokenizer, prompt_format)
+    except ValueError as err:
+        raise UserError(f"data.{err}") from None
+    if fmt == "plain":
+        return records, fmt
+    return [dict(r, prompt=format_prompt(tokenizer, r["prompt"], fmt)) for r in records], fmt
+
+
+def trl_prompt(tokenizer: Any, prompt: str, prompt_format: str) -> str:
+    """A chat-formatted prompt as TRL's SFT and GRPO trainers must get it: they tokenize strings with the tokenizer's
+    special tokens (``tokenizer(text)``), so where the tokenizer adds its BOS itself and the template wrote it into the
+    text already, the text's BOS is dropped (the ids then equal the evals' ``add_special_tokens=False`` encoding of the
+    whole chat string, with one BOS). Plain prompts pass as they are (today's rows)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if prompt_format != "chat" or not bos or not prompt.startswith(bos):
+        return prompt
+    adds_bos = tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return prompt[len(bos):] if adds_bos else prompt
+
+
 def split(rows: list[dict[str, Any]], val_fraction: float) -> tuple[Dataset, Dataset | None]:
     """The last ``val_fraction`` of the rows (at least one row stays for training) as the validation set."""
     n_val = int(round(len(rows) * val_fraction))
@@ -64,11 +105,12 @@ def split(rows: list[dict[str, Any]], val_fraction: float) -> tuple[Dataset, Dat
     return train, (Dataset.from_list(rows[len(rows) - n_val :]) if n_val else None)
 
 
-def grpo_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """GRPO prompts plus the columns the rewards read (``GRPO_COLUMNS``; ``modulus`` -1 when a record has none)."""
+def grpo_rows(records: list[dict[str, Any]], prompt: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """GRPO prompts (each passed through ``prompt`` when given: :func:`trl_prompt` for chat prompts) plus the columns
+    the rewards read (``GRPO_COLUMNS``; ``modulus`` -1 when a record has none)."""
     rows = []
     for rec in records:
-        row = {"prompt": rec["prompt"], "question": str(rec.get("question", "")), "gold_answer": str(rec.get("gold_answer", rec.get("answer", ""))),
+        row = {"prompt": rec["prompt"] if prompt is None else prompt(rec["prompt"]), "question": str(rec.get("question", "")), "gold_answer": str(rec.get("gold_answer", rec.get("answer", ""))),
                "modulus": int(rec.get("modulus") or -1), "task": str(rec.get("task", "")),
                "prefix": STEP_SEP.join(rec.get("steps", [])[: int(rec.get("prefix_steps", 0))])}
         rows.append(row)
@@ -114,16 +156,18 @@ def build_datasets(
 ) -> tuple[Dataset, Dataset | None, str | None]:
     """Train and validation datasets for ``trainer.trl.algorithm``, and the records' task name. ``labels_cfg`` is the
     ``process_rewards`` mitigation's ``labels`` section (how reward-model labels are made), if the recipe has one.
-    ``records``: the prompt records already loaded (and passed through the mitigations' ``transform_records``)."""
+    ``records``: the prompt records already loaded (and passed through the mitigations' ``transform_records``); their
+    prompts are written in ``data.prompt_format`` here (:func:`format_prompts`), after the mitigations built them."""
     algo = recipe.trainer.trl.algorithm
     if records is None:
         records = load_prompt_records(recipe.data, recipe.seed, tokenizer)
+    records, fmt = format_prompts(records, tokenizer, recipe.data.prompt_format)
     task = records[0].get("task")
     if algo == "sft":
-        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+        rows = [{"prompt": trl_prompt(tokenizer, r["prompt"], fmt), "completion": r["completion"]} for r in records]
         return (*split(rows, recipe.data.val_fraction), task)
     if algo == "grpo":
-        return (*split(grpo_rows(records), 0.0), task)
+        return (*split(grpo_rows(records, lambda p: trl_prompt(tokenizer, p, fmt)), 0.0), task)
     if labels_cfg is not None and labels_cfg.kind == "monte_carlo":
         records = monte_carlo_relabel(records, labels_cfg, tokenizer, model, recipe)
     rows, skipped = prm_rows(records, tokenizer, recipe.trainer.trl.reward_model_target, recipe.data.seq_len)
