@@ -25,6 +25,10 @@ Hallucination proper:
   confidence >= ``confident``; ``series["reliability"]`` accuracy by confidence bin; ``answered_fraction`` the share
   of answerable questions the ECE is over, ``mean_confidence`` their mean confidence.
 
+Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`` (``auto`` with a tokenizer that has
+a chat template) each question, with its passages if any, is one user turn of the template; the answer is decoded,
+and its confidence teacher-forced, after the generation prompt.
+
 The metrics are pure functions of the questions, completions and confidences (:func:`bucket_ranges`,
 :func:`rank_bucket`, :func:`expected_train_questions`, :func:`expected_calibration_error`, :func:`summarize`); the model
 is reached through :meth:`Hallucination.answer` (greedy decoding) and :meth:`Hallucination.confidence`.
@@ -43,8 +47,8 @@ from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
 from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
-                                 count_tokens, decode_texts, eval_mode, kb_config, length_buckets, pad_id, rate,
-                                 sample_distractors, validate_kb_fields)
+                                 count_tokens, decode_texts, eval_mode, format_prompt, kb_config, length_buckets,
+                                 pad_id, rate, resolve_prompt_format, sample_distractors, validate_kb_fields)
 from llm_limits.evals.tasks import kb
 
 RAG_MODES = ("retrieved", "same_attribute")
@@ -415,6 +419,7 @@ class Hallucination(Eval):
     def check(self, model: Any, tokenizer: Any) -> None:
         c = self.config
         self.spec()
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         knowledge = kb.build_kb(kb_config(c, "hallucination"))
         questions = self.questions(knowledge)
         q = questions[0]
@@ -422,8 +427,8 @@ class Hallucination(Eval):
         longest = max(questions, key=lambda x: count_tokens(tokenizer, x.prompt))
         what = "a closed-book question" if longest.part != "unanswerable_rag" else \
             f"a question with {c.rag_distractors} passages"
-        check_positions(model, count_tokens(tokenizer, longest.prompt), c.max_new_tokens, "hallucination", what,
-                        "rag_distractors" if longest.part == "unanswerable_rag" else None)
+        check_positions(model, count_tokens(tokenizer, format_prompt(tokenizer, longest.prompt, fmt)), c.max_new_tokens,
+                        "hallucination", what, "rag_distractors" if longest.part == "unanswerable_rag" else None)
 
     def answer(self, model: Any, tokenizer: Any, prompts: Sequence[str], device: str = "cpu") -> list[str]:
         """The model's greedy completions of ``prompts``."""
@@ -441,19 +446,21 @@ class Hallucination(Eval):
         spec = self.spec()
         knowledge = kb.build_kb(kb_config(c, "hallucination"))
         questions = self.questions(knowledge)
+        fmt = resolve_prompt_format(tokenizer, c.prompt_format)
+        prompts = [format_prompt(tokenizer, q.prompt, fmt) for q in questions]  # chat: each question one user turn
         parts = [p for p in ("closed_book", "unanswerable", "unanswerable_rag") if any(q.part == p for q in questions)]
         bar = tqdm(total=len(parts) + 1, desc="hallucination", unit="stage", disable=not progress, leave=False)
         completions = [""] * len(questions)
         for part in parts:
             bar.set_postfix_str(part)
             index = [i for i, q in enumerate(questions) if q.part == part]
-            for i, text in zip(index, self.answer(model, tokenizer, [questions[i].prompt for i in index], device)):
+            for i, text in zip(index, self.answer(model, tokenizer, [prompts[i] for i in index], device)):
                 completions[i] = text
             bar.update(1)
         bar.set_postfix_str("confidence")
         confidences = [math.nan] * len(questions)
         index = [i for i, q in enumerate(questions) if q.part == "closed_book"]
-        for i, p in zip(index, self.confidence(model, tokenizer, [questions[i].prompt for i in index],
+        for i, p in zip(index, self.confidence(model, tokenizer, [prompts[i] for i in index],
                                                [completions[i] for i in index], device)):
             confidences[i] = p
         bar.update(1)
@@ -461,4 +468,4 @@ class Hallucination(Eval):
         curve, limit, scalars, series, notes = summarize(c, knowledge.probabilities, questions, completions,
                                                          confidences)
         return self.result(spec=spec, curve=curve, limit_value=limit, threshold=c.threshold,
-                           scalars=scalars, notes=notes, series=series)
+                           prompt_format=fmt, scalars=scalars, notes=notes, series=series)
