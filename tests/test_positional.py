@@ -82,12 +82,27 @@ def test_schedule_linear_root_endpoints_monotone_multiple():
     assert curriculum_seq_len(50, 100, 64, 512, multiple_of=64) == 256
     assert curriculum_seq_len(5, 0, 64, 512) == 512  # no warmup
     disc = dict(discrete_lengths=(32, 64, 128), discrete_steps=(5, 10))
-    lens = [curriculum_seq_len(s, 0, 1, 100, "discrete", **disc) for s in (0, 4, 5, 9, 10, 99)]
-    assert lens == [32, 32, 64, 64, 100, 100]  # capped at max_len
+    lens = [curriculum_seq_len(s, 0, 1, 100, "discrete", **disc) for s in (0, 4, 5, 6, 10, 11, 99)]
+    assert lens == [32, 32, 32, 64, 64, 100, 100]  # DeepSpeed's boundaries (step <= max_step[i]); capped at max_len
     with pytest.raises(ValueError, match="discrete_steps"):
         curriculum_seq_len(0, 10, 1, 100, "discrete", discrete_lengths=(32, 64))
     with pytest.raises(ValueError, match="min_len"):
         curriculum_seq_len(0, 10, 128, 64)
+
+
+def test_discrete_warmup_follows_deepspeed_fixed_discrete_at_every_step():
+    """DeepSpeed's own CurriculumScheduler (``fixed_discrete``) is the reference: the same length at every step,
+    boundaries included (it keeps ``difficulty[i]`` while ``global_steps <= max_step[i]``)."""
+    from deepspeed.runtime.data_pipeline.curriculum_scheduler import CurriculumScheduler
+
+    lengths, steps = (64, 128, 256, 512), (100, 500, 900)
+    ds = CurriculumScheduler({"curriculum_type": "seqlen", "min_difficulty": 64, "max_difficulty": 512,
+                              "schedule_type": "fixed_discrete",
+                              "schedule_config": {"difficulty": list(lengths), "max_step": list(steps)}})
+    ours = [curriculum_seq_len(s, 0, 64, 512, "discrete", discrete_lengths=lengths, discrete_steps=steps)
+            for s in range(0, 1002)]
+    assert ours == [ds.get_difficulty(s) for s in range(0, 1002)]
+    assert ours[100] == 64 and ours[101] == 128  # the issue's case: step 100 with max_step [100, 500] keeps 64
 
 
 def test_warmup_counts_tokens_and_resolves_max_len_from_batch():

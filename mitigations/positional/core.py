@@ -39,16 +39,17 @@ def curriculum_seq_len(
 
     ``linear`` and ``root``: ``min + (max - min) * (step / total) ** (1 / root_degree)`` (linear is root degree 1),
     rounded down to a multiple of ``multiple_of`` but never below ``min_len``, and exactly ``max_len`` once
-    ``step >= total_steps``. ``discrete``: ``discrete_lengths[i]`` while ``step < discrete_steps[i]``, then the last
-    length (``len(discrete_steps) == len(discrete_lengths) - 1``); lengths are capped at ``max_len`` and not rounded.
+    ``step >= total_steps``. ``discrete``: ``discrete_lengths[i]`` while ``step <= discrete_steps[i]``, then the last
+    length (``len(discrete_steps) == len(discrete_lengths) - 1``), exactly as DeepSpeed's ``fixed_discrete``
+    (``difficulty[i]`` while ``global_steps <= max_step[i]``); lengths are capped at ``max_len`` and not rounded.
 
     >>> [curriculum_seq_len(s, 100, 64, 512) for s in (0, 25, 50, 100, 200)]
     [64, 176, 288, 512, 512]
     >>> curriculum_seq_len(25, 100, 64, 512, schedule="root", root_degree=2)
     288
     >>> [curriculum_seq_len(s, 0, 0, 512, "discrete", discrete_lengths=(64, 128, 256), discrete_steps=(10, 20))
-    ...  for s in (0, 9, 10, 25)]
-    [64, 64, 128, 256]
+    ...  for s in (0, 10, 11, 20, 21)]
+    [64, 64, 128, 128, 256]
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)} (got {schedule!r})")
@@ -59,7 +60,7 @@ def curriculum_seq_len(
                 f"(got {len(discrete_lengths)} lengths, {len(discrete_steps)} steps)"
             )
         for length, until in zip(discrete_lengths, discrete_steps):
-            if step < until:
+            if step <= until:  # DeepSpeed's fixed_discrete: the boundary step still has the shorter length
                 return min(int(length), max_len)
         return min(int(discrete_lengths[-1]), max_len)
     if min_len < 1 or max_len < min_len:
