@@ -6,6 +6,8 @@ checks on each object.
 
 from __future__ import annotations
 
+import codecs
+
 import json
 from os import PathLike
 from pathlib import Path
@@ -27,6 +29,8 @@ def json_objects(path: str | PathLike, expected: str) -> Iterator[tuple[str, dic
         raise TaskDataError(f"{name}: is a directory (expected a JSONL file)") from None
     except OSError as err:
         raise TaskDataError(f"{name}: cannot read ({err.strerror or err})") from None
+    # A UTF-8 byte-order mark (Windows editors write one) is an encoding marker, not part of the first record.
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     seen = 0
     for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
         where = f"{name}:{lineno}"

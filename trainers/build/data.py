@@ -242,7 +242,7 @@ def _first_record_has(path: str, field: str) -> bool:
     """Whether the first non-blank JSON line of ``path`` has ``field`` (a missing or bad file answers False and the
     loader then reports it properly)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first record
             for line in f:
                 if line.strip():
                     rec = json.loads(line)
