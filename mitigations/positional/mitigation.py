@@ -108,8 +108,10 @@ class PoseConfig:
     chunk_lengths: Literal["authors", "random", "equal"] = "authors"
     """``authors``: first chunk ~ U{1..ceil(window/2)} as in the PoSE code; ``random``: every cut point uniform;
     ``equal``: even split. Every chunk has >= 1 token."""
-    seed: int = 0
-    """Seed of PoSE's own random generator (skips and cut points; resampled per example)."""
+    seed: int | None = field(default=None, metadata={"seed_offset": 0})
+    """Seed of PoSE's own random generator (skips and cut points; resampled per example). ``None`` (the default): the
+    recipe's ``seed`` (+0), so runs of an ablation at different seeds draw different skips; set it to fix the draws
+    across seeds."""
 
     def __post_init__(self) -> None:
         if self.target_len is not None and self.target_len < 2:
@@ -127,8 +129,9 @@ class BalancedConfig:
 
     enabled: bool = False
     """Move each structured row's needle to a uniformly random depth of its haystack (plain rows untouched)."""
-    seed: int = 1
-    """Seed of the needle placement's own random generator."""
+    seed: int | None = field(default=None, metadata={"seed_offset": 1})
+    """Seed of the needle placement's own random generator. ``None`` (the default): the recipe's ``seed`` + 1 (so it
+    differs from PoSE's draws in one run and varies across seeds); set it to fix the placement across seeds."""
 
 
 @dataclass
@@ -167,6 +170,13 @@ class PositionalConfig(MitigationConfig):
 
 
 # --- the hook object -----------------------------------------------------------------------------------------------
+def _seed(part: Any) -> int:
+    """A part's seed: its own, or (left ``None``) its ``seed_offset``, what the recipe's seed 0 derives."""
+    if part.seed is not None:
+        return int(part.seed)
+    return int(type(part).__dataclass_fields__["seed"].metadata.get("seed_offset", 0))
+
+
 class Positional(Mitigation):
     name = "positional"
     summary = "positional curricula: seq-len warmup, PoSE ids, position-balanced needles, SSMax log-length attention"
@@ -176,8 +186,10 @@ class Positional(Mitigation):
     def __init__(self, config: PositionalConfig | None = None, **injected: Any) -> None:
         super().__init__(config, **injected)
         cfg: PositionalConfig = self.config
-        self.pose_generator = torch.Generator().manual_seed(cfg.pose.seed)
-        self.balanced_generator = torch.Generator().manual_seed(cfg.balanced.seed)
+        # Seeds left None are filled from the recipe's seed when the recipe is resolved (trainers/recipe/schema.py
+        # derive_seeds); a config built in Python without one draws as recipe seed 0 would.
+        self.pose_generator = torch.Generator().manual_seed(_seed(cfg.pose))
+        self.balanced_generator = torch.Generator().manual_seed(_seed(cfg.balanced))
         self.calls = 0
         """transform_batch calls so far."""
         self.histogram = torch.zeros(0, dtype=torch.long)

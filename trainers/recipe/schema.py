@@ -445,7 +445,7 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
     except ValidationError as e:
         raise UserError(f"{source}: {_format_error(e, Recipe, data)}") from None
     mitigations = [
-        (entry.name, _entry_config(entry, i, "mitigations", MITIGATIONS, source))
+        (entry.name, derive_seeds(_entry_config(entry, i, "mitigations", MITIGATIONS, source), recipe.seed))
         for i, entry in enumerate(recipe.mitigations)
     ]
     evals = [
@@ -552,6 +552,29 @@ def _cuda_available() -> bool:
 
 
 # --- entries against registered dataclass configs --------------------------------------------------------------------
+def derive_seeds(config: Any, seed: int) -> Any:
+    """Fill every ``seed`` field left ``None`` in a mitigation's config (nested sections included) with the recipe's
+    ``seed`` plus the field's ``seed_offset`` metadata, in place, so every training-side draw varies with the run's
+    seed unless the recipe fixes it; results.json's ``mitigations`` records the seeds used (``--resume`` derives the
+    same ones from the run's recipe.yaml). Eval data is seeded by each eval's own ``seed``: the arms of an ablation
+    are compared on the same questions.
+
+    >>> from llm_limits.mitigations.positional import PositionalConfig
+    >>> c = derive_seeds(PositionalConfig(), 7)
+    >>> c.pose.seed, c.balanced.seed
+    (7, 8)
+    """
+    if not dataclasses.is_dataclass(config):
+        return config
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "seed" and value is None and "seed_offset" in f.metadata:
+            setattr(config, f.name, seed + int(f.metadata["seed_offset"]))
+        elif dataclasses.is_dataclass(value):
+            derive_seeds(value, seed)
+    return config
+
+
 def _entry_config(entry: EntrySpec, index: int, section: str, registry: dict[str, Any], source: str) -> Any:
     where = f"{section}[{index}]"
     if entry.name not in registry:
