@@ -195,6 +195,11 @@ def depth_averaged(cells: Mapping[tuple[float, float], float]) -> dict[float, fl
     return {x: sum(v) / len(v) for x, v in sorted(per_length.items())}
 
 
+RULER_THRESHOLDS = (0.85, 0.5)
+"""Every context result also reads its effective length at these accuracies (``effective_length@0.85``, ``@0.5``):
+RULER's own threshold and a lenient one, so runs with different ``threshold`` settings stay comparable."""
+
+
 def effective_length(curve: Mapping[float, float], threshold: float) -> float:
     """RULER's effective context length: the largest length up to which every depth-averaged accuracy is at least
     ``threshold`` (0 when the shortest length already fails).
@@ -464,6 +469,8 @@ class Context(Eval):
             scalars[f"niah_acc@{x:g}"] = curve[x]
             toks = [context_tokens[k] * len(cells[k]) for k in cells if k[0] == x]
             scalars[f"context_tokens@{x:g}"] = sum(toks) / sum(len(cells[k]) for k in cells if k[0] == x)
+        for t in RULER_THRESHOLDS:  # RULER's strict reading and the lenient one, whatever the limit's threshold
+            scalars[f"effective_length@{t:g}"] = effective_length(curve, t)
 
         model_config = getattr(model, "config", None)
         n_pos = position_range(model_config)
