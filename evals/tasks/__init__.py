@@ -19,6 +19,8 @@ from llm_limits.evals.tasks import digits  # noqa: E402
 from llm_limits.evals.tasks.digits import DigitsConfig  # noqa: E402
 from llm_limits.evals.tasks import shapes  # noqa: E402
 from llm_limits.evals.tasks.shapes import ShapesConfig  # noqa: E402
+from llm_limits.evals.tasks import world  # noqa: E402
+from llm_limits.evals.tasks.world import WorldConfig  # noqa: E402
 
 TASKS = {
     "synthetic_text": (SyntheticTextConfig, synthetic_text.generate),
@@ -27,6 +29,7 @@ TASKS = {
     "kb": (KBConfig, kb.generate),
     "digits": (DigitsConfig, digits.generate),
     "shapes": (ShapesConfig, shapes.generate),
+    "world": (WorldConfig, world.generate),
 }
 """Task name (an eval's ``task:``) -> (its config dataclass, its generator ``generate(config) -> list[dict]``)."""
 
@@ -37,8 +40,9 @@ TASK_VERSIONS: dict[str, str] = {
     "kb": kb.VERSION,
     "digits": digits.VERSION,
     "shapes": shapes.VERSION,
+    "world": world.VERSION,
 }
 """Task name -> its version (the module's ``VERSION``): a task's version changes when the records it yields do."""
 
 __all__ = ["TASKS", "TASK_VERSIONS", "ChainsConfig", "DigitsConfig", "KBConfig", "RulerConfig", "ShapesConfig",
-           "SyntheticTextConfig", "TaskDataError"]
+           "SyntheticTextConfig", "TaskDataError", "WorldConfig"]
