@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from llm_limits.trainers.recipe.errors import UserError
+from llm_limits.trainers.results.record import REPORT_FILE, RESULTS_FILE  # noqa: F401  (part of the layout)
 from llm_limits.trainers.results.report import write_atomic
 
 
@@ -20,12 +21,7 @@ RUN_DIR_ENV = "LLM_LIMITS_RUN_DIR"
 
 
 RECIPE_FILE = "recipe.yaml"
-
-
-RESULTS_FILE = "results.json"
-
-
-REPORT_FILE = "report.md"
+"""The resolved recipe (defaults filled in, overrides applied); ``--resume`` reads it."""
 
 
 def new_run_dir(output_dir: str, name: str) -> Path:

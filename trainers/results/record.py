@@ -15,8 +15,12 @@ from llm_limits.evals import EVALS
 from llm_limits.evals.tasks import TASK_VERSIONS
 from llm_limits.trainers.recipe.schema import ResolvedRecipe
 from llm_limits.trainers.results.report import plot_eval, plot_grids, plot_series, plot_training, render_markdown, write_atomic, write_results
-from llm_limits.trainers.rundir import REPORT_FILE, RESULTS_FILE
 
+
+RESULTS_FILE = "results.json"
+"""A run's record: curves, limits, deltas, training stats, versions (what ``llm-limits compare`` reads)."""
+REPORT_FILE = "report.md"
+"""The run's before/after tables and plots, rendered from results.json."""
 
 def limit_key(spec_limit: str, eval_key: str, all_limits: list[str]) -> str:
     """The summary key of an eval's limit: the limit's name (``context``) when one eval measures it, else
