@@ -368,3 +368,59 @@ def test_smollm2_recipe_resolves_to_the_cache(smollm2: dict, monkeypatch: pytest
     said: list[str] = []
     spec = P.with_path(load_recipe(path).recipe.model, echo=said.append)
     assert spec.path == str(smollm2["dir"]) and not said  # in the cache: no pull
+
+
+# --- recipes/real: every recipe runs on the real model (2 LoRA steps), every text eval with 2 examples --------------
+REAL = Path(__file__).resolve().parents[1] / "recipes" / "real"
+TINY_TRAIN = ["trainer.max_steps=2", "trainer.max_tokens=null", "trainer.warmup_tokens=0", "trainer.warmup_steps=0",
+              "trainer.checkpoint_every=2", "data.params.num_examples=64", "data.batch_size=2", "evals=[]",
+              "tracking.wandb.mode=disabled"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in REAL.glob("*.yaml") if p.stem != "profile"))
+def test_real_recipes_train_two_lora_steps(smollm2: dict, recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from tests.test_cli import run_in_process, run_dirs
+
+    monkeypatch.setenv("LLM_LIMITS_HOME", str(smollm2["home"]))
+    out = run_in_process("train", str(REAL / recipe), *TINY_TRAIN, f"output_dir={tmp_path}", "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = run_dirs(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    assert results["train"]["steps"] == 2 and results["model"]["trainable_params"] < results["model"]["total_params"] / 10
+    assert (run / "adapter").is_dir() and (run / "model" / "model.safetensors").is_file()  # LoRA: adapter + merged
+
+
+EVERY_EVAL = [  # each text eval, 2 examples (the prm eval needs a trained reward model; multimodal a vision tower)
+    {"name": "context", "lengths": [64, 128], "depths": [0.5], "examples_per_cell": 2, "attention_mass": False,
+     "position_loss": False, "batch_size": 2},
+    {"name": "positional_loss", "seq_len": 128, "bucket_size": 32, "num_examples": 2, "batch_size": 2},
+    {"name": "reasoning", "lengths": [2], "examples_per_length": 2, "probes": False, "max_new_tokens": 24,
+     "batch_size": 2},
+    {"name": "retrieval", "num_entities": 20, "values_per_attribute": 10, "distractors": [0, 2], "budgets": [],
+     "position_distractors": 0, "poison_counts": [], "negative_distractors": 0, "examples": 2, "max_new_tokens": 24,
+     "batch_size": 2},
+    {"name": "hallucination", "num_entities": 20, "values_per_attribute": 10, "rank_buckets": [5, 20],
+     "examples_per_bucket": 2, "unanswerable_examples": 2, "rag_distractors": 0, "train_examples": 40,
+     "max_new_tokens": 16, "batch_size": 2},
+]
+
+
+@pytest.mark.slow
+def test_every_text_eval_runs_on_the_real_model(smollm2: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import yaml
+
+    from tests.test_cli import run_in_process
+
+    monkeypatch.setenv("LLM_LIMITS_HOME", str(smollm2["home"]))
+    recipe = yaml.safe_load((REAL / "profile.yaml").read_text())
+    recipe.update(evals=EVERY_EVAL, output_dir=str(tmp_path), tracking={"wandb": {"mode": "disabled"}})
+    path = tmp_path / "every-eval.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = run_in_process("eval", str(path), "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (results_file,) = tmp_path.glob("*/eval-*/results.json")
+    evals = json.loads(results_file.read_text())["evals"]
+    assert set(evals) == {e["name"] for e in EVERY_EVAL}
+    chat = {k for k, e in evals.items() if e["before"].get("prompt_format") == "chat"}
+    assert chat == {"context", "reasoning", "retrieval", "hallucination"}  # the instruct model is prompted in its format
