@@ -4,7 +4,6 @@ data the mitigation builds has the recipe's proportions, the index is saved in t
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path

@@ -4,7 +4,6 @@ steps with its eval before and after, the saved model loading back, and the one-
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.backends.lightning import CausalLMModule, build_trainer
 from llm_limits.trainers.backends.hooks import HookDriver
 from llm_limits.trainers.recipe.schema import validate_recipe
-from llm_limits.trainers.build.assemble import build
 from llm_limits.trainers.run import train
 
 from tests.conftest import REPO
