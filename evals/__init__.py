@@ -2,6 +2,7 @@
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, Grid, LimitSpec, Series, compare, read_limit
 from llm_limits.evals.context import Context
+from llm_limits.evals.general import General
 from llm_limits.evals.hallucination import Hallucination
 from llm_limits.evals.multimodal import Multimodal
 from llm_limits.evals.positional_loss import PositionalLoss
@@ -17,7 +18,8 @@ EVALS: dict[str, type[Eval]] = {
     "retrieval": Retrieval,
     "hallucination": Hallucination,
     "multimodal": Multimodal,
+    "general": General,
 }
 """``name:`` in a recipe's ``evals:`` list -> the class. New evals add one line here."""
 
-__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "Grid", "Hallucination", "Multimodal", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "Retrieval", "compare", "read_limit"]
+__all__ = ["EVALS", "Context", "Eval", "EvalConfig", "EvalResult", "General", "Grid", "Hallucination", "Multimodal", "Series", "LimitSpec", "PositionalLoss", "ProcessReward", "Reasoning", "Retrieval", "compare", "read_limit"]

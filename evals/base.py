@@ -139,6 +139,11 @@ class EvalResult:
     """Named secondary curves; the report overlays each one before vs after."""
     grids: dict[str, Grid] = field(default_factory=dict)
     """Named 2-D measurements; the report draws each as heatmaps before | after."""
+    item_scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-item scores of named components (the ``general`` eval's: one per document or question, in a fixed order),
+    ``{"values": [...], "weights": [...] | None, "transform": "mean" | "exp_neg_mean"}``: the component's score is the
+    (weighted) mean of ``values``, or ``exp(-mean)`` for per-token losses (1 / perplexity). Kept so that a before/after
+    pair gets a paired interval (:func:`retained`); empty for evals that read a limit off a curve."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -164,6 +169,7 @@ class EvalResult:
             notes=list(d.get("notes", [])),
             series={k: Series.from_dict(v) for k, v in d.get("series", {}).items()},
             grids={k: Grid.from_dict(v) for k, v in d.get("grids", {}).items()},
+            item_scores={k: dict(v) for k, v in d.get("item_scores", {}).items()},
         )
 
 
@@ -183,7 +189,7 @@ def compare(before: EvalResult, after: EvalResult) -> dict[str, Any]:
     shared = sorted(set(before.curve) & set(after.curve))
     curve_delta = {x: after.curve[x] - before.curve[x] for x in shared}
     limit_delta = after.limit_value - before.limit_value
-    return {
+    out = {
         "eval": after.eval,
         "limit": after.spec.limit,
         "metric": after.spec.metric,
@@ -193,6 +199,91 @@ def compare(before: EvalResult, after: EvalResult) -> dict[str, Any]:
         "improved": limit_delta > 0,
         "curve_delta": curve_delta,
     }
+    kept = retained(before, after)
+    if kept is not None:
+        out["retained"] = kept
+    return out
+
+
+RETAINED_CONFIDENCE = 0.95
+RETAINED_RESAMPLES = 2000
+
+
+def component_score(values: Any, weights: Any, transform: str) -> Any:
+    """A component's score from its per-item values along the last axis: the weighted mean, or ``exp(-mean)`` when
+    the values are per-token losses (``transform="exp_neg_mean"``, weights = token counts: 1 / perplexity).
+
+    >>> import numpy as np
+    >>> float(component_score(np.array([1.0, 0.0, 1.0, 1.0]), None, "mean"))
+    0.75
+    >>> losses, tokens = np.array([1.0, 3.0]), np.array([3.0, 1.0])  # per-document mean loss, its token count
+    >>> round(float(component_score(losses, tokens, "exp_neg_mean")), 4)  # exp(-(3 * 1 + 1 * 3) / 4)
+    0.2231
+    """
+    import numpy as np
+
+    w = np.ones_like(values) if weights is None else weights
+    m = (values * w).sum(axis=-1) / w.sum(axis=-1)
+    return np.exp(-m) if transform == "exp_neg_mean" else m
+
+
+def retained(
+    before: EvalResult, after: EvalResult, confidence: float = RETAINED_CONFIDENCE,
+    n_resamples: int = RETAINED_RESAMPLES, seed: int = 0,
+) -> dict[str, Any] | None:
+    """How much of the before-training score the trained model keeps, ``after / before``, with a paired percentile
+    bootstrap interval: the same items are resampled for both phases (a question the model got right before and
+    wrong after counts against it in every resample). One ratio per component of :attr:`EvalResult.item_scores`
+    (1 / perplexity, an lm-eval task's accuracy), and ``retained`` their mean; components are resampled
+    independently. ``None`` when the two results share no component with the same items.
+
+    >>> b = EvalResult("g", LimitSpec("score", "component", (0.0,), True), {0.0: 0.5}, 0.5, 0.0,
+    ...                item_scores={"qa": {"values": [1, 1, 0, 0], "weights": None, "transform": "mean"}})
+    >>> a = EvalResult("g", LimitSpec("score", "component", (0.0,), True), {0.0: 0.5}, 0.5, 0.0,
+    ...                item_scores={"qa": {"values": [1, 0, 0, 0], "weights": None, "transform": "mean"}})
+    >>> r = retained(b, a)
+    >>> r["retained"], r["components"]["qa"]["before"], r["components"]["qa"]["after"]
+    (0.5, 0.5, 0.25)
+    >>> 0.0 <= r["low"] <= 0.5 <= r["high"] <= 1.0
+    True
+    """
+    import numpy as np
+
+    shared = [k for k in before.item_scores if k in after.item_scores
+              and len(before.item_scores[k]["values"]) == len(after.item_scores[k]["values"]) > 0]
+    if not shared:
+        return None
+    rng = np.random.default_rng(seed)
+    components, boots, skipped = {}, [], 0
+    for k in shared:
+        b, a = before.item_scores[k], after.item_scores[k]
+        vb, va = np.asarray(b["values"], dtype=float), np.asarray(a["values"], dtype=float)
+        wb = None if b.get("weights") is None else np.asarray(b["weights"], dtype=float)
+        wa = None if a.get("weights") is None else np.asarray(a["weights"], dtype=float)
+        t = a.get("transform", "mean")
+        sb, sa = float(component_score(vb, wb, t)), float(component_score(va, wa, t))
+        idx = rng.integers(0, len(vb), size=(n_resamples, len(vb)))  # [resamples, items], one draw for both phases
+        bb = component_score(vb[idx], None if wb is None else wb[idx], t)
+        ba = component_score(va[idx], None if wa is None else wa[idx], t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(bb > 0, ba / bb, np.nan)  # [resamples]
+        skipped += int(np.isnan(ratio).sum())
+        boots.append(ratio)
+        components[k] = {"before": sb, "after": sa, "delta": sa - sb, "retained": sa / sb if sb > 0 else None,
+                         "n": int(len(vb))}
+    points = [c["retained"] for c in components.values()]
+    overall = float(np.mean(points)) if None not in points else None
+    mean_boot = np.mean(np.stack(boots), axis=0)  # [resamples]
+    finite = mean_boot[np.isfinite(mean_boot)]
+    alpha = (1.0 - confidence) / 2
+    low, high = (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))) if finite.size else (None, None)
+    for k, ratio in zip(shared, boots):
+        fin = ratio[np.isfinite(ratio)]
+        components[k]["low"] = float(np.quantile(fin, alpha)) if fin.size else None
+        components[k]["high"] = float(np.quantile(fin, 1 - alpha)) if fin.size else None
+    return {"retained": overall, "low": low, "high": high, "confidence": confidence, "n_resamples": n_resamples,
+            "method": "paired percentile bootstrap over items", "resamples_undefined": skipped,
+            "components": components}
 
 
 @dataclass

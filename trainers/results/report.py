@@ -87,6 +87,44 @@ def limit_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def tradeoff_lines(results: dict[str, Any]) -> list[str]:
+    """The targeted limits' deltas and the general ability retained, one line each (empty unless the run measured
+    cost side: an eval with ``compare.retained``, the ``general`` eval).
+
+    >>> r = {"evals": {"retrieval": {"compare": {"limit": "retrieval", "limit_before": 0.0, "limit_after": 4.0,
+    ...                                          "limit_delta": 4.0}, "after": {"spec": {"limit_unit": "distractors"}}},
+    ...                "general": {"compare": {"retained": {"retained": 0.97, "low": 0.94, "high": 1.0, "components": {
+    ...                    "perplexity": {"before": 0.1, "after": 0.09}}}}, "after": {"scalars": {}}}}}
+    >>> for line in tradeoff_lines(r): print(line)
+    targeted limit retrieval: 0 -> 4 distractors (+4)
+    general ability retained: 97.0% (95% CI 94.0% to 100.0%; perplexity 10 -> 11.11)
+    """
+    targeted, general = [], []
+    for key, entry in results.get("evals", {}).items():
+        cmp = entry.get("compare") or {}
+        if cmp.get("retained"):
+            kept = cmp["retained"]
+            parts = []
+            for name, c in kept.get("components", {}).items():
+                if name == "perplexity":  # the component's score is 1 / perplexity
+                    b, a = c.get("before"), c.get("after")
+                    parts.append(f"perplexity {_num(1 / b if b else None)} -> {_num(1 / a if a else None)}")
+                else:
+                    parts.append(f"{name} {_num(c.get('before'), 3)} -> {_num(c.get('after'), 3)}")
+            ci = f"95% CI {_pct(kept.get('low'))} to {_pct(kept.get('high'))}"
+            label = "general ability retained" + (f" ({key})" if key != "general" else "")
+            general.append(f"{label}: {_pct(kept.get('retained'))} ({'; '.join([ci] + parts)})")
+        elif "limit_delta" in cmp:
+            unit = ((entry.get("after") or entry.get("before") or {}).get("spec") or {}).get("limit_unit", "")
+            targeted.append(f"targeted limit {key}: {_num(cmp.get('limit_before'))} -> {_num(cmp.get('limit_after'))}"
+                            f"{' ' + unit if unit else ''} ({_signed(cmp.get('limit_delta'))})")
+    return targeted + general if general else []
+
+
 def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     """The human report of a run: headline table, then one section per eval with its curve table and plot."""
     lines = [f"# {results['name']}: limits before and after", ""]
@@ -107,6 +145,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             f"| {r['key']} | {r['limit']} | {r['read_off']} | {_num(r['before'])} | {_num(r['after'])} | {_signed(r['delta'])} |"
         )
     lines.append("")
+    tradeoff = tradeoff_lines(results)
+    if tradeoff:
+        lines += ["**Gain and cost**", ""] + [f"- {t}" for t in tradeoff] + [""]
     for key, entry in results.get("evals", {}).items():
         phases = [p for p in PHASES if entry.get(p)]
         if not phases:
