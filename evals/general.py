@@ -39,6 +39,8 @@ lm-eval's ``apply_chat_template``, not used here), so ``chat`` is refused.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -166,8 +168,9 @@ class General(Eval):
                 raise ValueError(f"general: the tokenizer maps {frac:.1%} of the {self._source()} characters to its "
                                  f"unknown token (at most {MAX_UNK_FRACTION:.0%}); use a tokenizer that covers them")
         if c.tasks:
-            for i, task in enumerate(self._tasks()):
-                self._check_fits(i, task, tokenizer, n_pos)
+            with _quiet():  # datasets' and lm-eval's progress bars: a refusal is one line on stderr
+                for i, task in enumerate(self._tasks()):
+                    self._check_fits(i, task, tokenizer, n_pos)
 
     def run(self, model: Any, tokenizer: Any, *, device: str = "cpu", progress: bool = True) -> EvalResult:
         """Perplexity on the held-out text, then every task through ``lm_eval.simple_evaluate``."""
@@ -341,14 +344,22 @@ class General(Eval):
         was_training = model.training
         model.eval()
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=self._tasks(), limit=c.limit, num_fewshot=c.num_fewshot, log_samples=True,
-                bootstrap_iters=1000, random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed,
-                fewshot_random_seed=c.seed, verbosity="ERROR",
-            )
+            with contextlib.nullcontext() if progress else _quiet():
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=self._tasks(), limit=c.limit, num_fewshot=c.num_fewshot, log_samples=True,
+                    bootstrap_iters=1000, random_seed=c.seed, numpy_random_seed=c.seed, torch_random_seed=c.seed,
+                    fewshot_random_seed=c.seed,
+                )
         finally:
             model.train(was_training)
         return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Progress bars (tqdm writes to ``sys.stderr``) and lm-eval's chatter swallowed."""
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def _offline() -> None:
