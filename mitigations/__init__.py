@@ -1,6 +1,6 @@
 """Training-time mitigations, registered by name in one dict (no plugin system, no import-time magic)."""
 
-from llm_limits.mitigations.base import Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.base import Mitigation, MitigationConfig, Need, StepContext
 from llm_limits.mitigations.bounded_retrieval import BoundedRetrieval
 from llm_limits.mitigations.crossmodal import CrossModal
 from llm_limits.mitigations.noop import NoOp
@@ -16,4 +16,4 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
 }
 """``name:`` in a recipe's ``mitigations:`` list -> the class. New mitigations add one line here."""
 
-__all__ = ["MITIGATIONS", "Mitigation", "MitigationConfig", "StepContext"]
+__all__ = ["MITIGATIONS", "Mitigation", "MitigationConfig", "Need", "StepContext"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 
@@ -69,6 +69,26 @@ class StepContext:
         return min(1.0, self.step / max(1, self.max_steps))
 
 
+@dataclass(frozen=True)
+class Need:
+    """One thing a mitigation needs from the model, declared (not discovered by a crash): the recipe check in
+    ``trainers/`` compares it with the built model's config before the run directory exists.
+
+    >>> Need("rotary", "pose")
+    Need(kind='rotary', field='pose', value=None)
+    """
+
+    kind: Literal["rotary", "positions", "vision", "chat_template"]
+    """``rotary``: rotary position embeddings (RoPE), which can be given skipped or rescaled position ids;
+    ``positions``: position ids up to ``value`` (a learned table must be that long; RoPE past its nominal window is
+    allowed with a warning); ``vision``: a vision tower; ``chat_template``: a tokenizer with a chat template."""
+    field: str
+    """The knob that asks for it, inside the mitigation's recipe entry (``pose``, ``pose.target_len``), "" for the
+    mitigation as a whole."""
+    value: int | None = None
+    """``positions``: how many position ids the mitigation feeds the model."""
+
+
 @dataclass
 class MitigationConfig:
     """Fields every mitigation's config has. A mitigation's own ``Config`` subclasses this dataclass, one typed field
@@ -96,6 +116,11 @@ class Mitigation:
     def __init__(self, config: MitigationConfig | None = None, **injected: Any) -> None:
         self.config = config if config is not None else self.Config()
         self.injected = injected
+
+    def needs(self) -> tuple[Need, ...]:
+        """What the enabled mitigation needs from the model (rotary positions, a position range, a vision tower, a chat
+        template); the recipe check refuses a model without it in one line. The default: nothing."""
+        return ()
 
     def rewrites_positions(self) -> bool:
         """Whether ``transform_batch`` rewrites ``position_ids`` or moves or cuts tokens inside a row. Such a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -102,9 +103,14 @@ def _train(
     # --- build (all user errors surface here, before anything is written) ----------------------------------------
     built, train_data, val_data = build(resolved, index_dir=(run_dir / INDEX_DIR) if run_dir is not None else None)
     # Every mitigation's setup, exactly once, before the optimizer exists and before the evals measure the model.
-    model, hooks = HookDriver.prepare(built.model, built.mitigations, built.tokenizer, max_tokens=r.trainer.max_tokens)
+    try:
+        model, hooks = HookDriver.prepare(built.model, built.mitigations, built.tokenizer, max_tokens=r.trainer.max_tokens)
+    except UserError as e:  # a mitigation that cannot patch this model: named with the recipe, like build's errors
+        raise UserError(f"{resolved.source}: {e}") from None
     built.model = model
     rank0 = is_rank_zero()
+    for line in built.warnings if rank0 else []:  # allowed, but outside the model's nominal range (RoPE past its window)
+        print(f"warning: {line}", file=sys.stderr, flush=True)  # one line on stderr: never wrapped to the terminal
 
     if run_dir is None:
         env_dir = os.environ.get(RUN_DIR_ENV)

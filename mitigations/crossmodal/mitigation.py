@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, Need, StepContext
 from llm_limits.mitigations.crossmodal.core import (
     LOGIT_SCALE_MAX,
     SCHEDULES,
@@ -158,6 +158,10 @@ class CrossModal(Mitigation):
         self._params = ContrastiveParams(cfg.contrastive, cfg) if cfg.contrastive != "none" else None
         self._model: Any = None
         self._tokenizer: Any = None
+
+    def needs(self) -> tuple[Need, ...]:
+        """Aligns images with text: a vision tower (a LLaVA-style model)."""
+        return (Need("vision", ""),) if self.enabled else ()
 
     # --- hooks ---------------------------------------------------------------------------------------------------
     def transform_records(self, records: list[dict[str, Any]], *, seed: int) -> list[dict[str, Any]]:

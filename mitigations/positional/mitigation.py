@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, StepContext
+from llm_limits.mitigations.base import Batch, Mitigation, MitigationConfig, Need, StepContext
 from llm_limits.mitigations.positional.core import (
     CHUNK_LENGTHS,
     SCHEDULES,
@@ -198,6 +198,24 @@ class Positional(Mitigation):
         self.ssmax_init_len: int | None = cfg.log_scaling.init_len
         """The length ``s`` was initialised for; None until known (set on the first batch when ``init_len`` is null)."""
         self.ssmax_modules: list[torch.nn.Module] = []
+
+    def needs(self) -> tuple[Need, ...]:
+        """PoSE feeds skipped position ids and SSMax is defined on q/k attention with rotary positions: both need RoPE
+        (a learned position table has no entries past its end, and no sense in skipping). PoSE's ``target_len`` is the
+        range of position ids it feeds.
+
+        >>> Positional(PositionalConfig(pose=PoseConfig(enabled=True, target_len=512))).needs()
+        (Need(kind='rotary', field='pose', value=None), Need(kind='positions', field='pose.target_len', value=512))
+        """
+        cfg: PositionalConfig = self.config
+        out: list[Need] = []
+        if cfg.enabled and cfg.pose.enabled:
+            out.append(Need("rotary", "pose"))
+            if cfg.pose.target_len is not None:
+                out.append(Need("positions", "pose.target_len", cfg.pose.target_len))
+        if cfg.enabled and cfg.log_scaling.enabled:
+            out.append(Need("rotary", "log_scaling"))
+        return tuple(out)
 
     def rewrites_positions(self) -> bool:
         cfg: PositionalConfig = self.config

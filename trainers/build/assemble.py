@@ -24,6 +24,7 @@ from llm_limits.trainers.build.models import apply_lora, build_model
 from llm_limits.trainers.build.pretrained import with_path
 from llm_limits.trainers.build.rewards import injected_for
 from llm_limits.trainers.build.tokenizers import load_tokenizer
+from llm_limits.trainers.recipe.capabilities import check_capabilities
 from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.recipe.schema import ResolvedRecipe
 
@@ -40,6 +41,9 @@ class Built:
     """(result key, eval, when) in recipe order; the key is the eval name, suffixed when a name repeats."""
     backend: Backend
     """The recipe's ``trainer.backend``: it built the data and will fit and save (:mod:`~llm_limits.trainers.backends`)."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """One-line warnings of the capability check (a RoPE model trained past its nominal window), for the run to print
+    once everything has been built."""
 
 
 def build(
@@ -85,6 +89,8 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
             attn_implementation=m.attn_implementation,
             field_prefix="model" if checkpoint is None else "--checkpoint",
             head=backend.head,
+            # a run's own checkpoint (``--checkpoint``) saved the scaled config already
+            rope_scaling=m.rope_scaling.model_dump(exclude_none=True) if m.rope_scaling and checkpoint is None else None,
         )
     if m.gradient_checkpointing:
         enable_checkpointing(model)
@@ -98,10 +104,9 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
                                                  tokenizer=tokenizer, data_params=r.data.params, index_dir=index_dir))
         for i, (name, config) in enumerate(resolved.mitigations)
     ]
-    for i, mit in enumerate(mitigations):
-        if mit.enabled and mit.limit == "multimodal" and not vision:
-            raise UserError(f"mitigations[{i}]: {mit.name} aligns images with text: it needs a vision-language model "
-                            "(model.model_type: llava) and an image task (data.task: digits, shapes or image_folder)")
+    # What the mitigations and the data need from the model (rotary positions, a position range, a vision tower),
+    # against its config: refused here, before the data is built and before any run directory exists.
+    warnings = check_capabilities(r, model.config, mitigations, vision=vision, tokenizer=tokenizer)
     for i, mit in enumerate(mitigations):
         if not mit.enabled or type(mit).transform_records is Mitigation.transform_records:
             continue
@@ -129,7 +134,7 @@ def _build(resolved: ResolvedRecipe, *, checkpoint: str | None, with_data: bool,
         seen[name] = seen.get(name, 0) + 1
         key = name if seen[name] == 1 else f"{name}.{seen[name]}"
         evals.append((key, ev, when))
-    return Built(resolved, tokenizer, model, mitigations, evals, backend), *data
+    return Built(resolved, tokenizer, model, mitigations, evals, backend, warnings), *data
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
