@@ -156,3 +156,49 @@ def test_lm_eval_task_before_and_after_a_two_step_run(tmp_path, tiny_recipe, mon
     report = (run_dir / "report.md").read_text()
     assert "- targeted limit positional_loss: " in report
     assert "- general ability retained: " in report
+
+
+def _with_general(run_dir: Path, before_acc: list[float], after_acc: list[float]) -> None:
+    """Add a ``general`` entry (before, after, compare with its retained block) to a run made by
+    ``tests.test_compare.write_run``."""
+    spec = LimitSpec("score", "component", (0.0,), True, limit="general", limit_unit="score", limit_on_axis=False)
+
+    def res(acc):
+        return EvalResult("general", spec, {0.0: sum(acc) / len(acc)}, sum(acc) / len(acc), 0.0, version="1",
+                          item_scores={SHIPPED_TASK: {"values": acc, "weights": None, "transform": "mean"}})
+
+    b, a = res(before_acc), res(after_acc)
+    results = json.loads((run_dir / "results.json").read_text())
+    cmp = compare(b, a)
+    cmp["curve_delta"] = {str(int(k)): v for k, v in cmp["curve_delta"].items()}
+    results["evals"]["general"] = {"eval": "general", "limit_key": "general", "before": b.to_dict(),
+                                   "after": a.to_dict(), "compare": cmp}
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_compare_shows_gain_against_general_cost(tmp_path):
+    """Two arms, one seed each: the gain of the targeted limit beside the general ability retained, with the run's
+    own paired interval, as a table (markdown, HTML, the wandb Table) and a scatter plot."""
+    from llm_limits.trainers.results.compare import compare as compare_runs, summary_keys, tables
+    from tests.test_compare import write_run
+
+    keep = write_run(tmp_path / "control", "control", 0, after_limit=64.0, acc64=0.5)
+    _with_general(keep, [1.0] * 30 + [0.0] * 10, [1.0] * 30 + [0.0] * 10)  # nothing lost
+    cost = write_run(tmp_path / "treated", "treated", 0, after_limit=256.0, acc64=1.0)
+    _with_general(cost, [1.0] * 30 + [0.0] * 10, [1.0] * 15 + [0.0] * 25)  # half lost
+    out = compare_runs([keep, cost], out_dir=tmp_path / "cmp", wandb_mode="disabled", progress=False)
+    c = json.loads((out / "compare.json").read_text())
+    t = c["tradeoff"]
+    assert t["general"] == "general" and t["targets"] == ["context"]
+    treated = t["arms"]["treated"]
+    assert treated["gains"]["context"]["mean"] == 256.0
+    assert treated["retained"]["mean"] == pytest.approx(0.5) and treated["retained"]["interval"] == "items"
+    assert treated["retained"]["high"] < 1.0  # the cost is clear from one run's questions
+    assert t["arms"]["control"]["retained"]["mean"] == 1.0
+    assert (out / "plots" / "tradeoff.png").is_file() and c["plots"]["tradeoff"] == "plots/tradeoff.png"
+    md = (out / "compare.md").read_text()
+    assert "## Gain vs general ability" in md and "![gain vs general ability](plots/tradeoff.png)" in md
+    assert "| treated | context (tokens) | 256 (n=1) | 50.0% [" in md
+    assert 'id="tradeoff"' in (out / "compare.html").read_text()
+    assert "tradeoff" in [tb.key for tb in tables(c)]  # what log_wandb writes as the wandb Table tables/tradeoff
+    assert summary_keys(c)["compare/general_retained/treated"] == pytest.approx(0.5)

@@ -134,6 +134,44 @@ def scalars_table(c: dict[str, Any], key: str, phase: str = "after") -> Table:
                  [False] + [True] * len(labels))
 
 
+def _pct_ci(iv: dict[str, Any] | None) -> str:
+    """A retained share as ``97.1% [94.0%, 99.9%]`` (``(n=1)`` without an interval)."""
+    if not iv or iv.get("mean") is None:
+        return "-"
+    if iv.get("low") is None:
+        return f"{100 * iv['mean']:.1f}% (n={iv.get('n', 1)})"
+    return f"{100 * iv['mean']:.1f}% [{100 * iv['low']:.1f}%, {100 * iv['high']:.1f}%]"
+
+
+def tradeoff_table(c: dict[str, Any]) -> Table | None:
+    """Per arm and targeted limit: the limit's gain (delta over seeds) beside the general ability retained, each with
+    its interval; ``None`` when no run measured general ability.
+
+    >>> c = {"tradeoff": {"general": "general", "targets": ["retrieval"], "units": {"retrieval": "distractors"},
+    ...      "arms": {"raft": {"retained": {"mean": 0.97, "low": 0.94, "high": 0.99, "n": 1, "interval": "items"},
+    ...                        "gains": {"retrieval": {"mean": 2.0, "low": None, "high": None, "n": 1}}}}},
+    ...      "control": "oracle"}
+    >>> tradeoff_table(c).rows
+    [['raft', 'retrieval (distractors)', '2 (n=1)', '97.0% [94.0%, 99.0%]', 'items (1 seed)']]
+    """
+    t = c.get("tradeoff")
+    if not t:
+        return None
+    rows = []
+    for lab, arm in t["arms"].items():
+        name = lab + (" (control)" if lab == c.get("control") else "")
+        iv = arm["retained"]
+        how = "items (1 seed)" if iv.get("interval") == "items" else f"seeds (n={iv.get('n')})"
+        targets = t["targets"] or [None]
+        for key in targets:
+            unit = t["units"].get(key, "") if key else ""
+            gain = arm["gains"].get(key) if key else None
+            rows.append([name, f"{key} ({unit})" if key and unit else (key or "-"), fmt_ci(gain), _pct_ci(iv), how])
+    return Table("tradeoff", f"Gain vs general ability ({t['general']}: retained = after / before)",
+                 ["arm", "targeted limit", "limit gain (after - before)", "general ability retained",
+                  "retained interval over"], rows, [False, False, True, True, False])
+
+
 def train_table(c: dict[str, Any]) -> Table:
     rows = [[lab] + [fmt_ci(stats.get(s)) for s in TRAIN_STATS] for lab, stats in c["train"].items()]
     return Table("train", "Training", ["arm", *TRAIN_STATS], rows, [False] + [True] * len(TRAIN_STATS))
@@ -142,6 +180,9 @@ def train_table(c: dict[str, Any]) -> Table:
 def tables(c: dict[str, Any]) -> list[Table]:
     """Every table of the report, in report order."""
     out = [arms_table(c)]
+    trade = tradeoff_table(c)
+    if trade is not None:
+        out.append(trade)
     for key in c["evals"]:
         out += [limit_table(c, key), curve_table(c, key, "after"), curve_table(c, key, "delta"), scalars_table(c, key)]
     if c["train"]:
@@ -262,10 +303,49 @@ def plot_limit_deltas(c: dict[str, Any], path: Path) -> None:
     _save_fig(fig, path)
 
 
+def plot_tradeoff(c: dict[str, Any], path: Path) -> None:
+    """One panel per targeted limit: each arm a point at (general ability retained, limit gain), with 95% interval
+    bars on both axes; the control in black. Up is a larger gain, right is less general ability lost (1.0 = none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = c["tradeoff"]
+    targets = t["targets"] or [None]
+    colours = _colours([a["label"] for a in c["arms"]], c["control"])
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.2 * len(targets), 4.0), dpi=110, squeeze=False)
+    for ax, key in zip(axes[0], targets):
+        for lab, arm in t["arms"].items():
+            r = arm["retained"]
+            g = (arm["gains"].get(key) if key else None) or {"mean": 0.0, "low": None, "high": None}
+            if r["mean"] is None or g.get("mean") is None:
+                continue
+            x, y = 100 * r["mean"], g["mean"]
+            xerr = None if r["low"] is None else [[x - 100 * r["low"]], [100 * r["high"] - x]]
+            yerr = None if g["low"] is None else [[y - g["low"]], [g["high"] - y]]
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=6, capsize=4, color=colours.get(lab),
+                        label=lab + (" (control)" if lab == c["control"] else ""))
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        ax.axvline(100, color="gray", ls=":", lw=1)  # nothing lost
+        ax.axhline(0, color="gray", ls=":", lw=1)  # no gain
+        unit = t["units"].get(key, "") if key else ""
+        ax.set_xlabel(f"general ability retained, % ({t['general']}: after / before)")
+        ax.set_ylabel(f"{key} limit gain{f' ({unit})' if unit else ''}" if key else "no targeted limit")
+        ax.set_title(f"{key or t['general']}: gain vs general ability, 95% intervals", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
 def write_plots(c: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """All PNGs under ``out_dir/plots``; returns plot key -> path relative to ``out_dir``."""
     plots: dict[str, str] = {}
     plot_dir = out_dir / "plots"
+    if (c.get("tradeoff") or {}).get("arms"):
+        plot_tradeoff(c, plot_dir / "tradeoff.png")
+        plots["tradeoff"] = "plots/tradeoff.png"
     if any(arm["limit"]["delta"]["mean"] is not None for e in c["evals"].values() for arm in e["arms"].values()):
         plot_limit_deltas(c, plot_dir / "limit_delta.png")
         plots["limit_delta"] = "plots/limit_delta.png"
@@ -307,6 +387,16 @@ def _blocks(c: dict[str, Any]) -> list[tuple[str, Any]]:
                          for a in bad]))
     if c["notes"]:
         b += [("p", "Notes:"), ("ul", list(c["notes"]))]
+    trade = tradeoff_table(c)
+    if trade is not None:
+        b += [("h2", "Gain vs general ability"),
+              ("p", "Per arm, each targeted limit's gain (after - before, mean over seeds with its interval) against "
+                    "the general ability it kept (the general eval's score after / before: 100% = nothing lost). "
+                    "With one seed the retained interval is that run's paired bootstrap over documents and "
+                    "questions; with more, the bootstrap over seeds.")]
+        if "tradeoff" in plots:
+            b.append(("img", ("gain vs general ability", plots["tradeoff"])))
+        b.append(("table", trade))
     if "limit_delta" in plots:
         b += [("h2", "Limit deltas"), ("img", ("limit deltas", plots["limit_delta"]))]
     for key, e in c["evals"].items():
@@ -410,7 +500,8 @@ def render_html(c: dict[str, Any], out_dir: Path) -> str:
 
 def summary_keys(c: dict[str, Any]) -> dict[str, float | int]:
     """``compare/<eval>/<arm>/limit_{before,after,delta}`` (+ ``_low``/``_high``, ``n``) and
-    ``compare/<eval>/<arm>/vs_control/limit_{after,delta}`` (+ ``_low``/``_high``)."""
+    ``compare/<eval>/<arm>/vs_control/limit_{after,delta}`` (+ ``_low``/``_high``) and, when the runs measured general
+    ability, ``compare/general_retained/<arm>`` (+ ``_low``/``_high``)."""
     out: dict[str, float | int] = {}
     for key, e in c["evals"].items():
         for lab, arm in e["arms"].items():
@@ -427,6 +518,11 @@ def summary_keys(c: dict[str, Any]) -> dict[str, float | int]:
                 for suffix, v in (("", d["diff"]), ("_low", d["low"]), ("_high", d["high"])):
                     if v is not None:
                         out[f"compare/{key}/{lab}/vs_control/{what}{suffix}"] = v
+    for lab, arm in ((c.get("tradeoff") or {}).get("arms") or {}).items():
+        iv = arm["retained"]
+        for suffix, v in (("", iv["mean"]), ("_low", iv["low"]), ("_high", iv["high"])):
+            if v is not None:
+                out[f"compare/general_retained/{lab}{suffix}"] = v
     return out
 
 

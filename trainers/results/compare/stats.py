@@ -393,6 +393,7 @@ def summarize(source: Source, control: str | None = None, progress: Any = None) 
                           for s in TRAIN_STATS}
     return {
         "kind": "compare",
+        "tradeoff": tradeoff(done, evals),
         "name": source.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "ablation": str(source.ablation) if source.ablation else None,
@@ -406,6 +407,46 @@ def summarize(source: Source, control: str | None = None, progress: Any = None) 
         "train": train,
         "notes": notes,
     }
+
+
+def _retained_of(run: Run, key: str) -> dict[str, Any] | None:
+    """The ``compare.retained`` block of one run's eval entry (the ``general`` eval's), or ``None``."""
+    kept = (((run.results or {}).get("evals", {}).get(key) or {}).get("compare") or {}).get("retained")
+    return kept if isinstance(kept, dict) else None
+
+
+def tradeoff(done: dict[str, list[Run]], evals: dict[str, Any]) -> dict[str, Any] | None:
+    """Per arm, each targeted limit's gain (its limit delta over seeds, from ``evals``) against the general ability
+    the arm kept (``retained``, after / before of the ``general`` eval); ``None`` when no run measured general ability.
+
+    The retained interval is the bootstrap over seeds when the arm has 2 or more; with one seed it is that run's own
+    paired bootstrap over documents and questions (``interval: items``), so a single-seed comparison still shows how
+    sure the cost is.
+    """
+    general = [k for k in evals if any(_retained_of(r, k) for runs in done.values() for r in runs)]
+    if not general:
+        return None
+    gkey = general[0]
+    targets = [k for k in evals if k not in general]
+    arms: dict[str, Any] = {}
+    for lab, runs in done.items():
+        kept = [_retained_of(r, gkey) for r in runs]
+        kept = [k for k in kept if k and k.get("retained") is not None]
+        if not kept:
+            continue
+        if len(kept) == 1:
+            iv = {"mean": kept[0]["retained"], "low": kept[0].get("low"), "high": kept[0].get("high"), "n": 1,
+                  "interval": "items"}
+        else:
+            iv = {**mean_ci([k["retained"] for k in kept]).to_dict(), "interval": "seeds"}
+        gains = {}
+        for t in targets:
+            arm = evals[t]["arms"].get(lab)
+            if arm is not None:
+                gains[t] = dict(arm["limit"]["delta"])
+        arms[lab] = {"retained": iv, "gains": gains}
+    return {"general": gkey, "targets": targets, "arms": arms,
+            "units": {t: evals[t]["spec"].get("limit_unit", "") for t in targets}}
 
 
 def _clean(arm: dict[str, Any]) -> dict[str, Any]:
