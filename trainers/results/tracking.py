@@ -106,7 +106,8 @@ class Tracker:
         self.run.log(data, step=step)
 
     def summarize(self, comparisons: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-        """``limit_before/*``, ``limit/*``, ``limit_delta/*`` and the run's other headline numbers in the summary."""
+        """``limit_before/*``, ``limit/*``, ``limit_delta/*``, ``retained/*`` (+ ``_low``/``_high``: general ability
+        after / before) and the run's other headline numbers in the summary."""
         if self.run is None:
             return
         for key, c in comparisons.items():
@@ -116,6 +117,10 @@ class Tracker:
                 self.run.summary[f"limit/{key}"] = c["limit_after"]
             if "limit_delta" in c:
                 self.run.summary[f"limit_delta/{key}"] = c["limit_delta"]
+            kept = c.get("retained") or {}  # the general eval's after / before, with its paired interval
+            for suffix, name in (("", "retained"), ("_low", "low"), ("_high", "high")):
+                if kept.get(name) is not None:
+                    self.run.summary[f"retained/{key}{suffix}"] = kept[name]
         for k, v in (extra or {}).items():
             self.run.summary[k] = v
 
