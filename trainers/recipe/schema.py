@@ -57,6 +57,40 @@ class LoraSpec(Strict):
     """Module names to adapt, or ``all-linear``."""
 
 
+class RopeScalingSpec(Strict):
+    """RoPE scaling written into the model's ``rope_parameters`` (transformers 5), for a model built from a config and
+    for a loaded checkpoint alike; the method card of ``mitigations/positional`` says how it composes with PoSE."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"]
+    """``linear`` (position interpolation, arXiv 2306.15595), ``dynamic`` (dynamic NTK: the base grows with the
+    largest position id of each forward), ``yarn`` (arXiv 2309.00071), ``llama3`` (Llama 3.1's frequency bands)."""
+    factor: float = Field(gt=1.0)
+    """How many times the original window the scaled model covers (e.g. 4.0: 2k -> 8k)."""
+    original_max_position_embeddings: int | None = Field(None, ge=1)
+    """The window the model was trained at; default: its ``max_position_embeddings`` before scaling. ``linear``,
+    ``yarn`` and ``llama3`` then set ``max_position_embeddings`` to ``factor`` times it (``dynamic`` keeps it: that is
+    where its scaling starts)."""
+    beta_fast: float | None = None
+    """``yarn`` only: the high-frequency boundary of the ramp (transformers' default 32)."""
+    beta_slow: float | None = None
+    """``yarn`` only: the low-frequency boundary of the ramp (transformers' default 1)."""
+    attention_factor: float | None = Field(None, gt=0)
+    """``yarn`` only: the cos/sin scale; default ``0.1 ln(factor) + 1`` (the paper's sqrt(1/t))."""
+    low_freq_factor: float | None = Field(None, gt=0)
+    """``llama3`` only: wavelengths above ``original / low_freq_factor`` are interpolated fully (default 1.0)."""
+    high_freq_factor: float | None = Field(None, gt=0)
+    """``llama3`` only: wavelengths below ``original / high_freq_factor`` are kept (default 4.0)."""
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> "RopeScalingSpec":
+        own = {"yarn": ("beta_fast", "beta_slow", "attention_factor"), "llama3": ("low_freq_factor", "high_freq_factor")}
+        for kind, names in own.items():
+            for name in names:
+                if getattr(self, name) is not None and self.type != kind:
+                    raise ValueError(f"{name} applies to type {kind} only (got type {self.type})")
+        return self
+
+
 class ModelSpec(Strict):
     model_type: str | None = None
     """Build a fresh model of this transformers type from ``config`` (``llama``, ``qwen2``, ``gpt2``...)."""
@@ -81,6 +115,9 @@ class ModelSpec(Strict):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, about a
     third more compute); non-reentrant, so it composes with LoRA, DDP and DeepSpeed."""
+    rope_scaling: RopeScalingSpec | None = None
+    """Scale the model's rotary positions to a longer window (``{type: yarn, factor: 4.0}``); refused on a model
+    without RoPE. Composes with ``positional``'s PoSE: its ``target_len`` must lie within the scaled window."""
     freeze: list[Literal["vision_tower", "projector", "language_model"]] = Field(default_factory=list)
     """Vision-language models: parts frozen for the whole run (LLaVA freezes its vision_tower throughout)."""
 
@@ -233,6 +270,10 @@ class TrainerSpec(Strict):
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     """DeepSpeed ZeRO-Offload: keep the optimizer state (``optimizer``, ZeRO 1-3) and the parameters
     (``optimizer_and_params``, ZeRO-3 only) in CPU memory. Needs a ``deepspeed_stage_N`` strategy."""
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence parallelism (trl backend, ``sft``): each group of this many ranks splits every sequence into
+    equal slices and exchanges attention heads by all-to-all, so each rank holds 1/N of the activations. Must divide
+    ``devices x num_nodes`` and ``data.seq_len``; 1 = off. docs/scaling.md."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     keep_last: int = Field(2, ge=1)
@@ -459,6 +500,9 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
             raise UserError(f"{source}: evals[{i}]: {e}") from None
     _check_backend(recipe, source)
     _check_packing(recipe, mitigations, source)
+    from llm_limits.trainers.recipe.long_context import check_long_context
+
+    check_long_context(recipe, mitigations, source)
     if check_hardware:
         _check_hardware(recipe, source)
     return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
