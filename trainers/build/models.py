@@ -63,6 +63,7 @@ def build_model(
     attn_implementation: str | None = None,
     field_prefix: str = "model",
     head: str = "causal_lm",
+    rope_scaling: Mapping[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A causal LM (or, with ``head="token_classification"``, the same backbone with a one-logit token-classification
     head: a process reward model scored at step ends), from scratch (``model_type`` + ``config``) or from ``path``; exactly one of the two.
@@ -83,6 +84,9 @@ def build_model(
     ``dtype`` is one of :data:`DTYPES`; ``attn_implementation`` (``"eager"``, ``"sdpa"``, ...) is passed through;
     ``trust_remote_code=True`` runs Python shipped with the checkpoint and logs a warning saying so.
     ``field_prefix`` names the recipe section in error messages (``model.config.hidden_sise: ...``).
+    ``rope_scaling`` (the recipe's ``model.rope_scaling``: ``type``, ``factor`` and the type's own keys) is written into
+    the config's ``rope_parameters`` before the weights are made or loaded (:func:`apply_rope_scaling`), for both
+    sources; a model without RoPE refuses it.
 
     Returns the model in train mode (``from_pretrained`` returns eval mode; a run builds a model to train it).
     """
@@ -109,9 +113,10 @@ def build_model(
     if head == "token_classification":
         load_kwargs["num_labels"] = 1
     if model_type is not None:
-        model = _from_config(model_type, config, vocab_size, token_ids, load_kwargs, field_prefix, HEADS[head])
+        model = _from_config(model_type, config, vocab_size, token_ids, load_kwargs, field_prefix, HEADS[head],
+                             rope_scaling)
     else:
-        model = _from_pretrained(path, config, token_ids, load_kwargs, field_prefix, HEADS[head])
+        model = _from_pretrained(path, config, token_ids, load_kwargs, field_prefix, HEADS[head], rope_scaling)
 
     if head == "causal_lm" and getattr(model, "loss_type", None) is None:
         # Classes not named *ForCausalLM (gpt2's GPT2LMHeadModel) get no loss type and transformers warns on the first
@@ -135,6 +140,7 @@ def _from_config(
     load_kwargs: dict[str, Any],
     field_prefix: str,
     auto_cls: Any = AutoModelForCausalLM,
+    rope_scaling: Mapping[str, Any] | None = None,
 ) -> PreTrainedModel:
     config_cls = _causal_config_class(model_type, field_prefix)
     _check_config_keys(config_cls, config, model_type, field_prefix)
@@ -155,6 +161,8 @@ def _from_config(
     try:
         with _held_transformers_logs():
             model_config = AutoConfig.for_model(model_type, **config)
+            if rope_scaling:
+                apply_rope_scaling(model_config, rope_scaling, field_prefix)
             return auto_cls.from_config(model_config, **load_kwargs)
     except UserError:
         raise
@@ -200,10 +208,11 @@ def _from_pretrained(
     load_kwargs: dict[str, Any],
     field_prefix: str,
     auto_cls: Any = AutoModelForCausalLM,
+    rope_scaling: Mapping[str, Any] | None = None,
 ) -> PreTrainedModel:
     source = resolve_pretrained(path, f"{field_prefix}.path")
     trust = load_kwargs["trust_remote_code"]
-    if config:
+    if config or rope_scaling:
         try:
             stored = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust)
         except (OSError, ValueError) as err:
@@ -211,6 +220,8 @@ def _from_pretrained(
         _check_config_keys(type(stored), config, stored.model_type, field_prefix)
         for key, value in config.items():
             setattr(stored, key, value)
+        if rope_scaling:
+            apply_rope_scaling(stored, rope_scaling, field_prefix)
         load_kwargs = {**load_kwargs, "config": stored}
     try:
         model = auto_cls.from_pretrained(
@@ -291,6 +302,66 @@ def _cached_snapshot(repo_id: str, marker_files: tuple[str, ...]) -> str | None:
         if isinstance(hit, str):
             return os.path.dirname(hit)  # .../models--org--name/snapshots/<commit>
     return None
+
+
+# --- RoPE scaling ------------------------------------------------------------------------------------------------
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "llama3")
+"""``model.rope_scaling.type`` values, each a ``rope_type`` of transformers' ``ROPE_INIT_FUNCTIONS``."""
+
+_ROPE_KEYS = {"yarn": ("beta_fast", "beta_slow", "attention_factor"), "llama3": ("low_freq_factor", "high_freq_factor")}
+_ROPE_DEFAULTS = {"llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+
+
+def has_rope(config: Any) -> bool:
+    """Whether a model config describes rotary position embeddings (transformers 5 gives every RoPE config a
+    ``rope_parameters`` field; gpt2's learned table and bloom's ALiBi have none)."""
+    return "rope_parameters" in config_keys(type(config))
+
+
+def apply_rope_scaling(config: Any, scaling: Mapping[str, Any], field_prefix: str = "model") -> Any:
+    """Write the recipe's ``model.rope_scaling`` into ``config.rope_parameters`` (in place; returns ``config``).
+
+    ``scaling``: ``type`` (one of :data:`ROPE_SCALING_TYPES`), ``factor`` (> 1), optional
+    ``original_max_position_embeddings`` (default: the config's ``max_position_embeddings``) and the type's own keys
+    (yarn: ``beta_fast``, ``beta_slow``, ``attention_factor``; llama3: ``low_freq_factor``, ``high_freq_factor``).
+    ``rope_theta`` and ``partial_rotary_factor`` are kept. ``linear``, ``yarn`` and ``llama3`` set
+    ``max_position_embeddings`` to ``factor x original`` (the window the scaled model serves, what evals and PoSE's
+    default ``target_len`` read); ``dynamic`` keeps it, since transformers starts its scaling there.
+
+    One-line :class:`UserError`: a model without RoPE, or a checkpoint whose RoPE is already scaled.
+
+    >>> from transformers import LlamaConfig
+    >>> c = apply_rope_scaling(LlamaConfig(max_position_embeddings=256), {"type": "yarn", "factor": 4.0})
+    >>> c.max_position_embeddings, c.rope_parameters["rope_type"], c.rope_parameters["original_max_position_embeddings"]
+    (1024, 'yarn', 256)
+    """
+    field = f"{field_prefix}.rope_scaling"
+    kind, factor = scaling["type"], float(scaling["factor"])
+    if not has_rope(config):
+        raise UserError(f"{field}: a {config.model_type} model has no rotary position embeddings to scale (RoPE "
+                        "scaling needs a RoPE model such as llama, qwen2 or mistral)")
+    if hasattr(config, "standardize_rope_params"):
+        config.standardize_rope_params()
+    current = dict(getattr(config, "rope_parameters", None) or {})
+    if any(isinstance(v, dict) for v in current.values()):
+        raise UserError(f"{field}: {config.model_type} has one RoPE per layer type; scaling it is not supported here")
+    if current.get("rope_type", "default") not in ("default", None):
+        raise UserError(f"{field}: the model's RoPE is already scaled ({current.get('rope_type')}, factor "
+                        f"{current.get('factor')}); scaling it again would compound the two (leave rope_scaling out)")
+    original = int(scaling.get("original_max_position_embeddings") or config.max_position_embeddings)
+    params: dict[str, Any] = {"rope_type": kind, "factor": factor}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if current.get(key) is not None:
+            params[key] = current[key]
+    if kind in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = original
+    params.update(_ROPE_DEFAULTS.get(kind, {}))
+    params.update({k: float(scaling[k]) for k in _ROPE_KEYS.get(kind, ()) if scaling.get(k) is not None})
+    config.rope_parameters = params
+    config.max_position_embeddings = original if kind == "dynamic" else int(round(original * factor))
+    if hasattr(config, "validate_rope"):
+        config.validate_rope()
+    return config
 
 
 # --- config checks -----------------------------------------------------------------------------------------------

@@ -27,10 +27,15 @@ class _Hooks:
     scores them through ``compute_loss`` too) see no hook, as in the Lightning backend's validation."""
 
     hooks: HookDriver
+    sequence_parallel: Any = None
+    """The rank's sequence-parallel group (``trainer.sequence_parallel`` > 1), else ``None``."""
 
     def _transform(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], StepContext]:
+        # A sequence-parallel group trains one batch together: to the mitigations it is one data-parallel rank.
+        size = self.sequence_parallel.size if self.sequence_parallel is not None else 1
         ctx = self.hooks.context(self.state.global_step, self.args.max_steps,  # type: ignore[attr-defined]
-                                 rank=self.args.process_index, world_size=self.args.world_size)  # type: ignore[attr-defined]
+                                 rank=self.args.process_index // size,  # type: ignore[attr-defined]
+                                 world_size=self.args.world_size // size)  # type: ignore[attr-defined]
         return self.hooks.transform_batch(inputs, ctx), ctx
 
     def _extra(self, loss: torch.Tensor, outputs: Any, inputs: dict[str, Any], ctx: StepContext) -> torch.Tensor:
@@ -49,13 +54,28 @@ def _sft_trainer_cls() -> type:
             if not model.training:  # evaluation: the plain loss
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             inputs, ctx = self._transform(inputs)
+            forward = inputs
+            if self.sequence_parallel is not None:
+                # the whole (transformed) batch -> this rank's slice; every rank of a group counted the batch's
+                # tokens, so the token count the loss divides by is the sum over ranks / group size
+                forward = self.sequence_parallel.shard(inputs)
+                if num_items_in_batch is not None:
+                    num_items_in_batch = num_items_in_batch // self.sequence_parallel.size
             # TRL recomputes the logits for return_outputs=True (a second forward): ask only when a hook reads them.
             if not (return_outputs or self.hooks.reads_outputs):
-                loss = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                loss = super().compute_loss(model, forward, num_items_in_batch=num_items_in_batch)
                 return self._extra(loss, None, inputs, ctx)  # no extra loss: the finiteness check and the token count
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(model, forward, return_outputs=True, num_items_in_batch=num_items_in_batch)
             loss = self._extra(loss, outputs, inputs, ctx)
             return (loss, outputs) if return_outputs else loss
+
+        def get_train_dataloader(self):
+            loader = super().get_train_dataloader()
+            if self.sequence_parallel is None:
+                return loader
+            from llm_limits.trainers.backends.trl.sequence_parallel import GroupBatches
+
+            return GroupBatches(loader, self.sequence_parallel)  # each rank of a group gets the group's whole batches
 
     return HookedSFTTrainer
 
@@ -75,6 +95,12 @@ def sft_trainer(
     trainer = _sft_trainer_cls()(model=model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1],
                                  processing_class=tokenizer, callbacks=callbacks)
     trainer.hooks = hooks if hooks is not None else HookDriver([])  # no mitigation: the plain SFT loss
+    if recipe.trainer.sequence_parallel > 1:  # Ulysses: groups of ranks share each sequence (sequence_parallel.py)
+        from llm_limits.trainers.backends.trl.sequence_parallel import setup
+
+        rows = 1 if recipe.data.packing == "per_document" else recipe.data.batch_size  # padding-free: one packed row
+        trainer.sequence_parallel = setup(trainer.model, recipe.trainer.sequence_parallel, rows,
+                                          pad_id=tokenizer.pad_token_id or 0)
     return trainer
 
 
