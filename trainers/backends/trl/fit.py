@@ -205,7 +205,8 @@ def fit(
     history: list[dict[str, float]] = []
     callback = RunCallback(hooks, tracker, history)
 
-    rows_per_step = recipe.data.batch_size * spec.grad_accum * _world_size()
+    # a sequence-parallel group of N ranks trains one batch together: N ranks are one data-parallel rank
+    rows_per_step = recipe.data.batch_size * spec.grad_accum * (_world_size() // spec.sequence_parallel)
     if spec.max_tokens:  # sft only (recipe rule): the token budget becomes steps, and a callback enforces it
         kw.update(budget_steps(spec, mean_example_tokens(train_ds, tokenizer) * rows_per_step, has_val=val_ds is not None))
     if algo == "sft":
@@ -233,8 +234,8 @@ def fit(
         trainer = PRMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                              data_collator=prm_collator(tokenizer.pad_token_id or 0), callbacks=[callback])
     trainer.hooks = hooks
-    if spec.max_tokens:
-        trainer.add_callback(TokenBudget(spec.max_tokens))
+    if spec.max_tokens:  # HF counts each group's batch once per rank of a sequence-parallel group
+        trainer.add_callback(TokenBudget(spec.max_tokens * spec.sequence_parallel))
 
     ckpt = resume_point(run_dir / "checkpoints", rank0=is_rank_zero(), echo=echo) if resume else None
     if ckpt is not None:
@@ -244,17 +245,21 @@ def fit(
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.perf_counter() - t0
+    if getattr(trainer, "sequence_parallel", None) is not None:
+        trainer.sequence_parallel.restore()  # the evals after training run transformers' own attention
     last = history[-1] if history else {}
     stats = {
         "wall_s": wall,
         "steps": float(trainer.state.global_step),
-        "tokens_seen": float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+        # every rank of a sequence-parallel group counted the group's whole batch
+        "tokens_seen": float(getattr(trainer.state, "num_input_tokens_seen", 0) or 0) / spec.sequence_parallel,
         "final_loss": float(last.get("loss", result.training_loss if math.isfinite(result.training_loss) else float("nan"))),
         "val_loss": next((float(h["val/loss"]) for h in reversed(history) if "val/loss" in h), float("nan")),
     }
     if "reward" in last:
         stats["final_reward"] = float(last["reward"])
     stats["world_size"] = float(trainer.args.world_size)
+    stats["sequence_parallel"] = float(spec.sequence_parallel)
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     stats["zero_stage"] = float(plugin.zero_stage) if trainer.is_deepspeed_enabled and plugin is not None else -1.0
     engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
