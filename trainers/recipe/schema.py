@@ -362,8 +362,9 @@ class TrackingSpec(Strict):
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name; runs go to ``<output_dir>/<name>/<time>/``."""
-    seed: int = 0
-    """Seed of weights, data and data order."""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    """Seed of weights, data and data order (numpy takes 0 to 2**32 - 1; mitigations derive theirs by adding small
+    offsets, so the recipe's stays below 2**31)."""
     model: ModelSpec
     data: DataSpec = Field(default_factory=DataSpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
