@@ -86,7 +86,9 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
     import transformers
     from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
-    from llm_limits.trainers.build.models import DTYPES, _check_config_keys, _one_line, resolve_pretrained
+    from llm_limits.trainers.build.models import (
+        DTYPES, _check_config_keys, _config_error_message, _is_config_rejection, _one_line, resolve_pretrained,
+    )
 
     path = checkpoint or model_spec.path
     kwargs: dict[str, Any] = {"dtype": DTYPES[model_spec.dtype]}
@@ -108,6 +110,13 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
                 raise UserError(f"{field_prefix}.config.{side}.model_type: unknown model type {kind!r} "
                                 f"(expected e.g. {default})")
             _check_config_keys(transformers.CONFIG_MAPPING[kind], sub, kind, f"{field_prefix}.config.{side}")
+            try:  # each side alone first, so a rejected value is named with its side (vision_config.hidden_size)
+                transformers.CONFIG_MAPPING[kind](**sub)
+            except Exception as err:  # noqa: BLE001 -- transformers rejects bad configs with many types
+                if not _is_config_rejection(err):
+                    raise
+                message = _config_error_message(err, field_prefix)  # "model.config[.key]: ..."
+                raise UserError(message.replace(f"{field_prefix}.config", f"{field_prefix}.config.{side}", 1)) from err
             parts[side] = {"model_type": kind, **sub}
         parts["text_config"].update(vocab_size=max(len(tokenizer), parts["text_config"].get("vocab_size", 0)),
                                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -118,7 +127,9 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
         try:
             llava = LlavaConfig(**parts, image_token_id=image_id, **rest)
             model = LlavaForConditionalGeneration._from_config(llava, **kwargs)
-        except (ValueError, TypeError, KeyError) as err:
+        except Exception as err:  # noqa: BLE001 -- as above; a strict dataclass raises its own error type
+            if not _is_config_rejection(err):
+                raise
             raise UserError(f"{field_prefix}.config: {_one_line(err)}") from err
     else:
         source = resolve_pretrained(path, f"{field_prefix}.path" if checkpoint is None else "--checkpoint")
