@@ -1,5 +1,6 @@
 # llm-limits: two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+FUZZ_EXAMPLES ?= 5000
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
@@ -9,7 +10,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lm profile test test-fast validate bench clean help
+.PHONY: install demo demo-lm profile test test-fast fuzz validate bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/:/'
@@ -40,6 +41,9 @@ test: $(STAMP)  ## the whole suite (what CI runs)
 
 test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process tests
 	$(PY) -m pytest -m "not slow"
+
+fuzz: $(STAMP)  ## the recipe fuzzer at full size: FUZZ_EXAMPLES (5000) mutated recipes, each refused in one line or accepted
+	LLM_LIMITS_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_recipe_fuzz.py -q -p no:cacheprovider
 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
