@@ -391,14 +391,31 @@ def config_keys(config_cls: type[transformers.PretrainedConfig]) -> set[str]:
     return {k for k in keys if not k.startswith("_")}
 
 
+POSITIVE_CONFIG_KEYS = frozenset({
+    "hidden_size", "n_embd", "d_model", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "n_positions", "vocab_size", "image_size",
+    "patch_size", "num_channels",
+})
+"""Sizes a model is built with: transformers does not check them, and 0 or a negative one fails deep in a module's
+constructor (a tensor of negative dimension, ``0.0 ** -0.5``), found by the recipe fuzzer."""
+
+
 def _check_config_keys(
-    config_cls: type[transformers.PretrainedConfig], config: Mapping[str, Any], model_type: str, field_prefix: str
+    config_cls: type[transformers.PretrainedConfig], config: Mapping[str, Any], model_type: str, field_prefix: str,
+    *, where: str | None = None,
 ) -> None:
+    """Every key of ``config`` known to ``config_cls`` (else one line with a "did you mean"), and every size in
+    :data:`POSITIVE_CONFIG_KEYS` >= 1. ``where``: the field of ``config`` itself (default ``<field_prefix>.config``;
+    a LLaVA side passes ``model.config.vision_config``)."""
     known = config_keys(config_cls)
+    where = where or f"{field_prefix}.config"
     for key in config:
-        field = f"{field_prefix}.config.{key}"
+        field = f"{where}.{key}"
         if key in _CONFIG_KEYS_ELSEWHERE:
-            raise UserError(f"{field}: set by {_CONFIG_KEYS_ELSEWHERE[key]} instead, not under {field_prefix}.config")
+            raise UserError(f"{field}: set by {_CONFIG_KEYS_ELSEWHERE[key]} instead, not under {where}")
+        value = config[key]
+        if key in POSITIVE_CONFIG_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"{field}: expected an integer >= 1 (got {value})")
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), sorted(known), n=1)

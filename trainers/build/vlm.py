@@ -109,7 +109,8 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
             if kind not in transformers.CONFIG_MAPPING:
                 raise UserError(f"{field_prefix}.config.{side}.model_type: unknown model type {kind!r} "
                                 f"(expected e.g. {default})")
-            _check_config_keys(transformers.CONFIG_MAPPING[kind], sub, kind, f"{field_prefix}.config.{side}")
+            _check_config_keys(transformers.CONFIG_MAPPING[kind], sub, kind, field_prefix,
+                               where=f"{field_prefix}.config.{side}")
             try:  # each side alone first, so a rejected value is named with its side (vision_config.hidden_size)
                 transformers.CONFIG_MAPPING[kind](**sub)
             except Exception as err:  # noqa: BLE001 -- transformers rejects bad configs with many types
