@@ -403,6 +403,7 @@ EVERY_EVAL = [  # each text eval, 2 examples (the prm eval needs a trained rewar
     {"name": "hallucination", "num_entities": 20, "values_per_attribute": 10, "rank_buckets": [5, 20],
      "examples_per_bucket": 2, "unanswerable_examples": 2, "rag_distractors": 0, "train_examples": 40,
      "max_new_tokens": 16, "batch_size": 2},
+    {"name": "general", "seq_len": 64, "num_docs": 2, "limit": 2, "batch_size": 2},
 ]
 
 
