@@ -290,6 +290,11 @@ def build_datasets(spec: DataSpec, tokenizer: Any, seed: int) -> tuple[Dataset, 
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             train_rows, val_rows = (pack_rows(_unpadded(r), spec.seq_len, pad) for r in (train_rows, val_rows))
         return QADataset(train_rows), (QADataset(val_rows) if val_rows else None)
+    if records and "text" not in records[0]:  # e.g. the chains task's prompt/completion examples
+        field = "data.path" if spec.path is not None else "data.task"
+        raise UserError(f"{field}: {spec.path or spec.task!r} gives examples without text (fields: "
+                        f"{', '.join(sorted(records[0]))}); the lightning backend trains on text documents or question/answer "
+                        "rows: prompt/completion examples train with trainer.backend: trl")
     if spec.packing == "none":  # "auto" packs text documents into blocks
         rows = document_rows(records, tokenizer, spec.seq_len)
         if not rows:
