@@ -19,8 +19,9 @@ FRAMEWORKS = ("lightning", "trl", "deepspeed", "pydantic", "wandb", "accelerate"
 EVAL_MODULES = {"context", "reasoning", "prm", "retrieval", "hallucination", "multimodal", "positional_loss"}
 TRAINERS_MAY_IMPORT = {  # trainers subpackage -> the trainers parts it may import (besides itself)
     # recipe's capability checks read the launch environment (rendezvous variables, in launch.py) and the names in
-    # the pretrained registry (build/pretrained.py); both lazily, inside the checks, so no import cycle
-    "recipe": {"launch", "build.pretrained"},
+    # the pretrained registry (build/pretrained.py), and what the machine can run of the training switches
+    # (build/kernels.py); all lazily, inside the checks, so no import cycle
+    "recipe": {"launch", "build.pretrained", "build.kernels"},
     "build": {"recipe", "backends"},  # backends: build/assemble.py asks the recipe's backend for records and data
     "backends": {"recipe", "build"},
     "results": {"recipe"},

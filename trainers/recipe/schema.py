@@ -257,7 +257,11 @@ class TrainerSpec(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     """Gradient norm clip; null to disable."""
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
-    """Lightning precision."""
+    """``32-true``: fp32 weights, optimizer state and compute. ``bf16-mixed``: fp32 weights and optimizer state,
+    matrix multiplies in bf16 (autocast); under a DeepSpeed strategy the engine instead keeps bf16 weights with fp32
+    master weights and fp32 optimizer state. ``bf16-true`` (lightning only): bf16 weights, gradients and optimizer
+    state, no fp32 copy (the least memory; small updates can round away). ``16-mixed``: fp16 autocast with loss
+    scaling (GPU only)."""
     accelerator: Literal["cpu", "gpu", "auto"] = "cpu"
     """Where to train."""
     devices: int = Field(1, ge=1)
@@ -265,11 +269,26 @@ class TrainerSpec(Strict):
     num_nodes: int = Field(1, ge=1)
     """Nodes."""
     strategy: Strategy = "auto"
-    """``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO stages (lightning: stages 1-2, CUDA only; trl: 1-3, on
-    CPU too, under torchrun)."""
+    """``auto``: one plain process per device, no DeepSpeed (on one GPU: plain single-GPU training, the fastest
+    choice when the model, its gradients and optimizer state fit); ``ddp`` (gloo on CPU, NCCL on GPU) or DeepSpeed
+    ZeRO stages (lightning: stages 1-2, CUDA only; trl: 1-3, on CPU too, under torchrun)."""
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     """DeepSpeed ZeRO-Offload: keep the optimizer state (``optimizer``, ZeRO 1-3) and the parameters
     (``optimizer_and_params``, ZeRO-3 only) in CPU memory. Needs a ``deepspeed_stage_N`` strategy."""
+    liger: bool = False
+    """Liger kernels (liger-kernel, Triton; CUDA GPUs only, ``pip install 'llm-limits[gpu]'``): fused RMSNorm, SwiGLU
+    and RoPE on both backends, and on the lightning backend also the fused linear cross-entropy, which never holds the
+    whole ``[batch, seq, vocab]`` logits in training (TRL's SFT computes its loss through its own chunked LM head
+    instead; a mitigation with an ``extra_loss`` keeps the plain head, since it may read the logits). Applied to the
+    model once, before training; the saved weights are the same tensors."""
+    compile: bool = False
+    """``torch.compile`` the model's forward for training (both backends; the evals run the plain forward). The first
+    steps pay the compilation (seconds to minutes); shapes that change (a sequence-length curriculum) recompile. On
+    CPU it needs a C++ compiler. Same loss as the plain path within float rounding (tests/test_kernels.py)."""
+    fused_optimizer: bool | None = None
+    """``true``: AdamW with ``fused=True`` (one kernel updates every parameter, instead of a few multi-tensor
+    kernels per step); ``false``: the unfused AdamW (foreach); unset: each backend's default, which differ: lightning
+    unfused, trl fused (transformers' ``optim`` default on torch >= 2.8). Same update within float rounding."""
     sequence_parallel: int = Field(1, ge=1)
     """Ulysses sequence parallelism (trl backend, ``sft``): each group of this many ranks splits every sequence into
     equal slices and exchanges attention heads by all-to-all, so each rank holds 1/N of the activations. Must divide
@@ -504,6 +523,7 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", *, check_hardw
     from llm_limits.trainers.recipe.long_context import check_long_context
 
     check_long_context(recipe, mitigations, source)
+    _check_kernels(recipe, source)
     if check_hardware:
         _check_hardware(recipe, source)
     return ResolvedRecipe(recipe=recipe, mitigations=mitigations, evals=evals, source=source)
@@ -550,6 +570,19 @@ def _check_packing(recipe: Recipe, mitigations: list[tuple[str, Any]], source: s
             )
 
 
+def _check_kernels(recipe: Recipe, source: str) -> None:
+    """``trainer.liger`` on a model type Liger has no kernels for (read from ``model.path``'s config.json when the
+    model is loaded), whatever the machine."""
+    if not recipe.trainer.liger:
+        return
+    from llm_limits.trainers.build.kernels import LIGER_MODEL_TYPES, model_type_of
+
+    kind = model_type_of(recipe.model)
+    if kind is not None and kind not in LIGER_MODEL_TYPES:
+        raise UserError(f"{source}: trainer.liger: liger-kernel has no kernels for {kind} models (it patches "
+                        f"{', '.join(LIGER_MODEL_TYPES[:6])}, ...); set liger: false")
+
+
 def _check_hardware(recipe: Recipe, source: str) -> None:
     """Combinations that cannot run, caught before anything is built."""
     t = recipe.trainer
@@ -574,6 +607,7 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
     check_rendezvous(t, source)
     if t.precision == "16-mixed" and on_cpu:
         raise UserError(f"{source}: trainer.precision: 16-mixed needs a GPU; on CPU use 32-true or bf16-mixed")
+    _check_kernel_hardware(t, on_cpu, source)
     if recipe.model.attn_implementation == "flash_attention_2":
         if on_cpu:
             raise UserError(f"{source}: model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; on CPU "
@@ -581,6 +615,26 @@ def _check_hardware(recipe: Recipe, source: str) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise UserError(f"{source}: model.attn_implementation: flash_attention_2 needs the flash-attn package, "
                             "which is not installed here (pip install flash-attn --no-build-isolation, or use sdpa)")
+
+
+def _check_kernel_hardware(t: TrainerSpec, on_cpu: bool, source: str) -> None:
+    """The training switches (``liger``, ``compile``, ``fused_optimizer``) where this machine cannot run them."""
+    import llm_limits.trainers.build.kernels as kernels
+
+    if t.liger and on_cpu:
+        raise UserError(f"{source}: trainer.liger: Liger's kernels are Triton GPU kernels and cannot run on the CPU "
+                        "(set liger: false, or train on a CUDA GPU)")
+    if t.liger and not kernels.liger_installed():
+        raise UserError(f"{source}: trainer.liger: needs the liger-kernel package, which is not installed here "
+                        "(pip install 'llm-limits[gpu]', or set liger: false)")
+    if t.compile and on_cpu and kernels.cpp_compiler() is None:
+        raise UserError(f"{source}: trainer.compile: torch.compile on the CPU needs a C++ compiler (g++ or clang++, "
+                        "or $CXX), and none is on PATH (install one, or set compile: false)")
+    if t.fused_optimizer:  # true: asked for by the recipe (unset keeps the backend's default, which checks itself)
+        device = "cpu" if on_cpu else "cuda"
+        if not kernels.fused_adamw_supported(device):
+            raise UserError(f"{source}: trainer.fused_optimizer: this torch ({kernels.torch_version()}) has no fused "
+                            f"AdamW for {device} (set fused_optimizer: false)")
 
 
 def _cuda_device_count() -> int:
