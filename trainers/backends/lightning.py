@@ -24,7 +24,7 @@ from llm_limits.mitigations.base import MODEL_KEYS, StepContext
 from llm_limits.trainers.backends import checkpoints
 from llm_limits.trainers.backends.base import ADAPTER_DIR, MODEL_DIR, Fitted, is_rank_zero
 from llm_limits.trainers.backends.hooks import HookDriver
-from llm_limits.trainers.build import vlm
+from llm_limits.trainers.build import kernels, vlm
 from llm_limits.trainers.build.data import build_loaders, loaders
 from llm_limits.trainers.build.models import save_model
 from llm_limits.trainers.recipe.errors import UserError
@@ -138,7 +138,7 @@ class CausalLMModule(L.LightningModule):
                 continue
             (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.spec.lr)
+        optimizer = kernels.adamw([g for g in groups if g["params"]], lr=self.spec.lr, fused=self.spec.fused_optimizer)
         if self.spec.max_tokens:
             # The schedule runs on tokens seen (read when the scheduler steps), so arms whose batches differ in
             # length follow the same LR per token.
@@ -369,6 +369,8 @@ class LightningBackend:
             resume: bool, progress: bool, echo: Callable[[str], None]) -> Fitted:
         train_data, val_data = data
         spec = self.recipe.trainer
+        if spec.liger:  # the fused cross-entropy returns no logits in training: only when no extra_loss may read them
+            kernels.apply_liger(built.model, fused_linear_cross_entropy=not (hooks.reads_outputs or hooks.needs_hidden_states))
         module = CausalLMModule(built.model, hooks, spec)
         module.train_sampler = getattr(train_data, "sampler", None)  # its position rides in every checkpoint
         module.train_batch_size = train_data.batch_size
@@ -378,7 +380,8 @@ class LightningBackend:
         if resume:
             ckpt_path = checkpoints.resume_point(run_dir / "checkpoints", rank0=is_rank_zero(), echo=echo,
                                                  candidates=checkpoint_files, legacy_ok=True)
-        stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
+        with kernels.compiled_forward(module.model, enabled=spec.compile):
+            stats = fit(module, trainer, train_data, val_data, ckpt_path=ckpt_path)
         return Fitted(module.model, stats, module.history, handle=module)
 
     def save(self, fitted: Fitted, built: Any, run_dir: Path) -> torch.nn.Module | None:

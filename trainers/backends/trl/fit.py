@@ -20,6 +20,7 @@ from llm_limits.trainers.backends.checkpoints import resume_point, write_manifes
 from llm_limits.trainers.backends.hooks import STATE_FILE, HookDriver, load_state, save_state
 from llm_limits.trainers.backends.trl.data import build_datasets, load_prompt_records
 from llm_limits.trainers.backends.trl.trainers import PRMTrainer, _grpo_trainer_cls, prm_collator, sft_trainer
+from llm_limits.trainers.build import kernels
 from llm_limits.trainers.build.models import build_model, save_model
 from llm_limits.trainers.recipe.errors import UserError
 from llm_limits.trainers.recipe.schema import DataSpec, Recipe, TrainerSpec
@@ -90,6 +91,7 @@ def training_kwargs(spec: TrainerSpec, data: DataSpec, run_dir: Path, seed: int,
         # (measured: +25% step time, scripts/bench_trl_overhead.py). The recipe's model.gradient_checkpointing
         # decides it, applied to the model itself (run.enable_checkpointing), as for the Lightning backend.
         activation_checkpointing=False,
+        **kernels.hf_optim(spec.fused_optimizer),  # unset: transformers' default (fused AdamW on torch >= 2.8)
     )
     if has_val:
         kw.update(eval_strategy="steps", eval_steps=spec.val_every or spec.max_steps)
@@ -201,6 +203,8 @@ def fit(
     train_ds, val_ds = datasets
     if spec.strategy.startswith("deepspeed"):
         ensure_distributed_env()
+    if spec.liger:  # layer kernels only: SFT's loss goes through TRL's own chunked LM head, GRPO's through its log-probs
+        kernels.apply_liger(model, fused_linear_cross_entropy=False)
     kw = training_kwargs(spec, recipe.data, run_dir, recipe.seed, progress=progress, has_val=val_ds is not None)
     history: list[dict[str, float]] = []
     callback = RunCallback(hooks, tracker, history)
@@ -243,7 +247,8 @@ def fit(
         hooks.load_state_dict(state)
         history.extend(state.get("history", []))
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    with kernels.compiled_forward(model, enabled=spec.compile):  # the forward TRL patched in, compiled for training
+        result = trainer.train(resume_from_checkpoint=ckpt)
     wall = time.perf_counter() - t0
     if getattr(trainer, "sequence_parallel", None) is not None:
         trainer.sequence_parallel.restore()  # the evals after training run transformers' own attention
