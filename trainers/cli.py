@@ -298,7 +298,7 @@ def recipes_dir() -> Path:
 
 
 def _print_summary(out_dir: Path) -> None:
-    from llm_limits.trainers.results.report import limit_rows, read_results
+    from llm_limits.trainers.results.report import limit_rows, read_results, tradeoff_lines
 
     results = read_results(out_dir / "results.json")
     table = Table(title=f"{results['name']}: limits before and after", box=None)
@@ -309,6 +309,8 @@ def _print_summary(out_dir: Path) -> None:
         delta = "-" if r["delta"] is None else f"{r['delta']:+g}"
         table.add_row(r["key"], r["limit"], r["read_off"], fmt(r["before"]), fmt(r["after"]), delta)
     console.print(table)
+    for line in tradeoff_lines(results):  # each targeted limit's delta, then the general ability retained
+        console.print(line, markup=False, soft_wrap=True)
     console.print(f"report:  {out_dir / 'report.md'}", markup=False)
     console.print(f"plots:   {out_dir / 'plots'}", markup=False)
     wb = results.get("wandb") or {}
