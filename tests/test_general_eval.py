@@ -202,3 +202,34 @@ def test_compare_shows_gain_against_general_cost(tmp_path):
     assert 'id="tradeoff"' in (out / "compare.html").read_text()
     assert "tradeoff" in [tb.key for tb in tables(c)]  # what log_wandb writes as the wandb Table tables/tradeoff
     assert summary_keys(c)["compare/general_retained/treated"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_a_users_task_reads_its_data_beside_its_yaml(tmp_path, monkeypatch):
+    """A task YAML under include_path with a relative data_files path runs from any working directory; its score is
+    lm-eval's own ``acc``."""
+    import transformers
+
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    (tasks / "my_quiz.yaml").write_text(
+        "task: my_quiz\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: quiz.jsonl}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
+    rows = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1)], "label": 0} for a in range(3) for b in range(2)]
+    (tasks / "quiz.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64)).eval()
+    ev = General(GeneralConfig(perplexity=False, tasks=["my_quiz"], include_path=str(tasks)))
+    ev.check(model, tok)
+    res = ev.run(model, tok, progress=False)
+    assert res.scalars["my_quiz/n"] == 6
+    assert res.curve[0.0] == res.scalars["my_quiz/acc"] == pytest.approx(sum(res.item_scores["my_quiz"]["values"]) / 6)
+    assert res.limit_value == res.curve[0.0]
