@@ -43,7 +43,7 @@ test-fast: $(STAMP)  ## the suite without the slow end-to-end and multi-process 
 	$(PY) -m pytest -m "not slow"
 
 fuzz: $(STAMP)  ## the recipe fuzzer at full size: FUZZ_EXAMPLES (5000) mutated recipes, each refused in one line or accepted
-	LLM_LIMITS_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_recipe_fuzz.py -q -p no:cacheprovider
+	LLM_LIMITS_FUZZ=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_recipe_fuzz.py -q -s -p no:cacheprovider
 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
