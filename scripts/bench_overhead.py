@@ -9,7 +9,7 @@ Arms alternate (bare, lightning, bare, lightning...) so drift on a shared machin
 median(lightning) / median(bare) over the repeats.
 
 Usage: .venv/bin/python scripts/bench_overhead.py [--steps 60] [--warmup 10] [--repeats 3] [--threads 1]
-       [--hidden 256] [--layers 4] [--seq-len 256] [--batch 8]
+       [--hidden 256] [--layers 4] [--seq-len 256] [--batch 8] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -57,20 +57,27 @@ def make_rows(args, vocab: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r.clone()} for r in ids]
 
 
+def _stamp(args) -> float:
+    if args.device == "cuda":
+        torch.cuda.synchronize()  # a step's time on the GPU includes the kernels it queued
+    return time.perf_counter()
+
+
 def bare(args, tok, rows) -> list[float]:
-    model = make_model(args, tok)
+    model = make_model(args, tok).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(RowDataset(rows), batch_size=args.batch, shuffle=False)
     stamps = []
     model.train()
     for batch in loader:
-        stamps.append(time.perf_counter())
+        stamps.append(_stamp(args))
+        batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    stamps.append(time.perf_counter())
+    stamps.append(_stamp(args))
     return [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
 
 
@@ -79,17 +86,18 @@ def lightning(args, tok, rows) -> list[float]:
 
     model = make_model(args, tok)
     steps = args.steps + args.warmup
-    spec = TrainerSpec(max_steps=steps, lr=1e-3, lr_schedule="constant", grad_clip=1.0, log_every=steps)
+    spec = TrainerSpec(max_steps=steps, lr=1e-3, lr_schedule="constant", grad_clip=1.0, log_every=steps,
+                       accelerator="gpu" if args.device == "cuda" else "cpu")
     module = CausalLMModule(model, HookDriver([]), spec)
     loader = torch.utils.data.DataLoader(RowDataset(rows), batch_size=args.batch, shuffle=False)
     stamps: list[float] = []
 
     class Stamp(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp(args))
 
         def on_train_end(self, trainer, pl_module):
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp(args))
 
     with tempfile.TemporaryDirectory() as d:
         trainer = build_trainer(spec, Path(d), logger=None, has_val=False, progress=False)
@@ -114,13 +122,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both arms train (cuda: the host "
+                    "overhead that makes a tiny model launch-bound on a GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_char_tokenizer()
     rows = make_rows(args, len(tok))
     params = sum(p.numel() for p in make_model(args, tok).parameters())
     print(f"command: python scripts/bench_overhead.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)")
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {args.threads} thread(s)")
     print(f"model: llama {args.layers} layers, hidden {args.hidden}, {params:,} parameters; batch {args.batch} x "
           f"{args.seq_len} tokens; {args.steps} timed steps after {args.warmup} warm-up, {args.repeats} repeats")
     ratios = []
