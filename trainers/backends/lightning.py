@@ -60,6 +60,8 @@ class CausalLMModule(L.LightningModule):
         self.train_batch_size: int | None = None
         """Rows per micro-batch of that loader (set by the run)."""
         self._epoch_batches = 0
+        self._unlogged: dict[str, float] = {}
+        """The mitigations' metrics of the steps since the last logging step (:meth:`_logs_now`)."""
         self.history: list[dict[str, float]] = []
         """Training metrics logged on this rank, for the report's loss plot."""
 
@@ -89,19 +91,40 @@ class CausalLMModule(L.LightningModule):
         # Under DDP the logged losses are the mean over the ranks (each rank's micro-batch is part of one global
         # batch): the numbers a single process on the same global batch logs.
         synced = ctx.world_size > 1
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=synced)
-        self.log("train/lm_loss", lm_loss, batch_size=bs, sync_dist=synced)
-        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=synced)  # every step: bar, final_loss
         pending = self.hooks.pop_pending()
-        for name, value in pending.items():
-            self.log(name, value, batch_size=bs)
+        if self._logs_now():
+            # The rest only reaches the logger, which writes on its logging steps (every log_every), and the
+            # Trainer's callback_metrics at the end: logged then, not at every step. self.log turns each Python number
+            # into a tensor on the device, on a GPU a blocking copy per number per step (PoSE's tiny recipe logs
+            # four; issue 20: tiny recipes were launch-bound).
+            self.log("train/lm_loss", lm_loss, batch_size=bs, sync_dist=synced)
+            self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
+            for name, value in {**self._unlogged, **pending}.items():  # a metric of a step in between: its last value
+                self.log(name, value, batch_size=bs)
+            self._unlogged = {}
+        else:
+            self._unlogged.update(pending)
         if self.trainer.is_last_batch or (self.global_step % self.spec.log_every == 0 and self._is_accum_boundary(batch_idx)):
             value = loss.detach()
             if synced:  # every rank reaches this line at the same steps
                 value = self.trainer.strategy.reduce(value, reduce_op="mean")
             self.history.append({"step": float(self.global_step), "loss": float(value), **pending})
         return loss
+
+    def _logs_now(self) -> bool:
+        """Whether this micro-batch's metrics beyond the loss are logged: on the run's last optimizer step (so the
+        Trainer's ``callback_metrics`` end with every metric's last value, as when all were logged at every step) and
+        on the steps the Trainer's loggers write (Lightning's own test: every ``log_every_n_steps`` optimizer steps,
+        and when the run stops; read from the logger connector's ``should_update_logs``, lightning being pinned to
+        2.6.6). Every rank gets the same answer (the same step counters), so ``sync_dist`` logging stays collective."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        if trainer.should_stop or self.global_step + 1 >= self.spec.max_steps:
+            return True
+        return bool(trainer.loggers) and bool(trainer._logger_connector.should_update_logs)
 
     @staticmethod
     def _forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
