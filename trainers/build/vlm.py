@@ -104,7 +104,10 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
                                 "text_config, projector_hidden_act, vision_feature_layer, vision_feature_select_strategy)")
         parts = {}
         for side, default in (("vision_config", "clip_vision_model"), ("text_config", "llama")):
-            sub = dict(config.get(side) or {})
+            value = config.get(side)
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{field_prefix}.config.{side}: expected a mapping of config keys (got {value!r})")
+            sub = dict(value or {})
             kind = sub.pop("model_type", default)
             if kind not in transformers.CONFIG_MAPPING:
                 raise UserError(f"{field_prefix}.config.{side}.model_type: unknown model type {kind!r} "
