@@ -156,7 +156,7 @@ def mutated_recipes(draw) -> tuple[str, dict[str, Any], list[str]]:
         elif op == "add":
             p = draw(st.sampled_from(containers(data)))
             key = draw(st.sampled_from(UNKNOWN_KEYS))
-            get(data, p)[key] = draw(st.sampled_from(ODD_VALUES))
+            get(data, p)[key] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))  # never the shared {} or []
         elif op == "swap" and (ps := paths(data)):
             p = draw(st.sampled_from(ps))
             get(data, p[:-1])[p[-1]] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))
