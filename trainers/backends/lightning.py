@@ -124,7 +124,9 @@ class CausalLMModule(L.LightningModule):
             return True
         if trainer.should_stop or self.global_step + 1 >= self.spec.max_steps:
             return True
-        return bool(trainer.loggers) and bool(trainer._logger_connector.should_update_logs)
+        # Not ``trainer.loggers``: only rank zero has a logger, and a rank that skipped the sync_dist logs above
+        # while another made them would wait in different collectives forever (DDP deadlock).
+        return bool(trainer._logger_connector.should_update_logs)
 
     @staticmethod
     def _forward_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
