@@ -76,14 +76,7 @@ def test_packed_rows_get_a_document_mask():
 
 
 # --- 2 processes x SP 2 against 1 process ------------------------------------------------------------------------------
-def _only_run(runs: Path) -> Path:
-    (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and not p.is_symlink()]
-    return run_dir
-
-
-def _trajectory(run_dir: Path) -> list[tuple[int, float, float]]:
-    (state,) = sorted(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json"))[-1:]
-    return [(e["step"], e["loss"], e["grad_norm"]) for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+from tests.test_scaling import _only_run, _trajectory  # noqa: E402  (one copy of the run readers)
 
 
 def _sft(where: Path, pose: bool) -> dict:
