@@ -230,9 +230,9 @@ def load_records(spec: DataSpec, seed: int, tokenizer: Any = None) -> list[dict[
     config_cls, generate = TASKS[spec.task]
     params = {"seed": seed, **spec.params}
     _check_params(spec, config_cls, params)
-    if "context_chars" in {f.name for f in dataclasses.fields(config_cls)} and "context_chars" not in params:
-        params["context_chars"] = fit_context_chars(config_cls, generate, params, tokenizer, spec.seq_len)
-    try:
+    try:  # the fit builds probe configs, so a bad value (an unknown ruler task) surfaces there first
+        if "context_chars" in {f.name for f in dataclasses.fields(config_cls)} and "context_chars" not in params:
+            params["context_chars"] = fit_context_chars(config_cls, generate, params, tokenizer, spec.seq_len)
         return generate(config_cls(**params))
     except (TypeError, ValueError) as e:
         raise UserError(f"data.params: {e}") from None
