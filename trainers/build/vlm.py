@@ -109,7 +109,7 @@ def build_vlm(model_spec: Any, tokenizer: Any, *, checkpoint: str | None = None,
                 raise UserError(f"{field_prefix}.config.{side}: expected a mapping of config keys (got {value!r})")
             sub = dict(value or {})
             kind = sub.pop("model_type", default)
-            if kind not in transformers.CONFIG_MAPPING:
+            if not isinstance(kind, str) or kind not in transformers.CONFIG_MAPPING:  # {} is unhashable
                 raise UserError(f"{field_prefix}.config.{side}.model_type: unknown model type {kind!r} "
                                 f"(expected e.g. {default})")
             _check_config_keys(transformers.CONFIG_MAPPING[kind], sub, kind, field_prefix,
