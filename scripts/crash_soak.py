@@ -8,7 +8,8 @@ Configurations (the same tiny recipes as the suite's crash tests, whose helpers 
 - ``trl-zero2``: the same under DeepSpeed ZeRO-2 with 2 processes on CPU (gloo; the CLI relaunches itself under
   torchrun), killed as a whole process tree (launcher, torchrun and both workers), as a lost node would be.
 
-A kill moment is drawn as a training step ``t`` (uniform over the run) and a delay ``d`` (uniform, 0 to
+A kill moment is drawn as a training step ``t`` (uniform over the first 90% of the run, so the delay does not carry it
+past the end) and a delay ``d`` (uniform, 0 to
 ``--max-delay`` seconds): the soak waits until a checkpoint of step ``t`` or later exists, then ``d`` more seconds, then
 sends SIGKILL. So kills land mid-step, mid-save, during the evals or the start-up (when the run already holds a
 checkpoint past ``t``, the kill comes ``d`` seconds after the launch). Every attempt after the first is
@@ -167,8 +168,9 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
     path = write(work, r, "soak.yaml")
     root = work / "soak" / r["name"]
     rng = random.Random(seed)
-    targets = sorted(rng.randint(1, max_steps - 1) for _ in range(kills))
+    targets = sorted(rng.randint(1, max(1, int(0.9 * max_steps))) for _ in range(kills))
     run_dir: Path | None = None
+    start = 0  # the newest checkpoint when the previous attempt was killed: where the next one resumes
     t0 = time.time()
     for i, target in enumerate(targets):
         delay = rng.uniform(0.0, max_delay)
@@ -194,8 +196,12 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         killed = kill_tree(proc)
         res.kills += 1
         res.late_kills += int(done_before)
-        res.moments.append(f"after step-{target} checkpoint + {delay:.2f}s: {killed} processes killed, newest "
-                           f"checkpoint {step}" + (" (the run had already written its results)" if done_before else ""))
+        res.moments.append(f"kill {i + 1}: attempt {i} (from step {start}) killed {delay:.2f} s after a "
+                           f"checkpoint >= {target} existed ({killed} processes), newest checkpoint then {step}"
+                           + (" (the run had already written its results)" if done_before else "")
+                           + (" (no new checkpoint since the resume: start-up or its first stretch)"
+                              if i and step == start else ""))
+        start = step
         bar.update(1)
         bar.set_postfix_str(f"{cfg.name}: kill {res.kills}/{kills}")
     if run_dir is None:
@@ -213,6 +219,7 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         return res
     res.steps = int(json.loads((run_dir / "results.json").read_text())["train"]["steps"])
     res.bitwise = same(reference, run_dir)
+    (work / "moments.txt").write_text("\n".join(res.moments) + "\n")
     return res
 
 
