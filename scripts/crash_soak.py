@@ -86,6 +86,9 @@ class Result:
     kills: int = 0
     kills_asked: int = 0
     late_kills: int = 0
+    resumed: int = 0
+    """Attempts after the first whose log says ``--resume: continuing from`` a checkpoint (the rest started over: a
+    soak where every resume trained from the start would still end bitwise equal, so this is counted)."""
     """Kills that came after the run had written its final results (during its shutdown): not an interruption."""
     attempts: int = 0
     steps: int | None = None
@@ -219,13 +222,19 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         return res
     res.steps = int(json.loads((run_dir / "results.json").read_text())["train"]["steps"])
     res.bitwise = same(reference, run_dir)
+    res.resumed = sum("--resume: continuing from" in p.read_text() for p in work.glob("attempt*.log")
+                      if p.name != "attempt0.log") + ("--resume: continuing from" in _text(work / "final.log"))
     (work / "moments.txt").write_text("\n".join(res.moments) + "\n")
     return res
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 def table(results: list[Result]) -> str:
-    head = ("configuration", "kills", "of them after the results", "attempts", "final step", "bitwise equal", "reference s", "soak s", "note")
-    rows = [head] + [(r.config, f"{r.kills}/{r.kills_asked}", str(r.late_kills), str(r.attempts), str(r.steps), str(r.bitwise),
+    head = ("configuration", "kills", "of them after the results", "attempts", "resumed from a checkpoint", "final step", "bitwise equal", "reference s", "soak s", "note")
+    rows = [head] + [(r.config, f"{r.kills}/{r.kills_asked}", str(r.late_kills), str(r.attempts), str(r.resumed), str(r.steps), str(r.bitwise),
                       f"{r.reference_s:.0f}", f"{r.soak_s:.0f}", r.note.splitlines()[0][:80] if r.note else "")
                      for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -269,7 +278,10 @@ def main() -> int:
     if late:
         print(f"{late} kills came after the results (during the shutdown) and interrupted nothing: raise --max-steps "
               f"or lower --max-delay")
-    return 0 if all(r.bitwise for r in results) and not late else 1
+    fresh = sum(r.attempts - 1 - r.resumed for r in results)
+    if fresh:
+        print(f"{fresh} resumed attempts found no checkpoint to continue from and trained from the start")
+    return 0 if all(r.bitwise for r in results) and not late and not fresh else 1
 
 
 if __name__ == "__main__":
