@@ -308,3 +308,31 @@ def test_an_arm_split_across_versions_names_its_seeds(tmp_path):
     assert summarize(load_targets(runs))["version_warnings"] == [
         "compare: eval context was measured with different versions (1: arm-a (seed 0, seed 1), arm-b; 2: arm-a "
         "(seed 2)); their numbers may not be comparable"]
+
+
+def test_long_arm_labels_go_below_the_axes_and_short_ones_beside():
+    """An arm whose grid value is a mapping makes a label of 100+ characters; beside the axes it squeezed the plot to
+    a sliver, so such legends go below, the figure taller by their lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llm_limits.trainers.results.compare.render import _legend_outside
+
+    heights = {}
+    for name, label in (("short", "pose.enabled=true"),
+                        ("long", "pose.enabled=true,model.rope_scaling={factor: 8.0, original_max_position_embeddings: 64, type: yarn}")):
+        fig, ax = plt.subplots(figsize=(9.0, 3.8))
+        ax.plot([0, 1], [0, 1], label=label)
+        ax.plot([0, 1], [1, 0], label="control")
+        _legend_outside(fig, ax)
+        fig.canvas.draw()
+        legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        heights[name] = fig.get_size_inches()[1]
+        if name == "short":
+            assert legend.x0 >= axes.x1  # beside, to the right
+        else:
+            assert legend.y1 <= axes.y0  # below the axes
+        plt.close(fig)
+    assert heights["short"] == pytest.approx(3.8) and heights["long"] > 3.8

@@ -256,12 +256,29 @@ def plot_curves(c: dict[str, Any], key: str, path: Path, phase: str = "after") -
     ax.set_ylabel(spec.get("metric", "") + better)
     ax.set_title(f"{key}, {phase}: mean over seeds, 95% bootstrap band", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bands stay visible
+    _legend_outside(fig, ax)
     note = _failed_note(c)
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, color="tab:red")
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     _save_fig(fig, path)
+
+
+LONG_LABEL = 60
+"""Characters above which the arm labels go below the axes: an arm whose grid value is a mapping (``model.rope_scaling=
+{factor: 8.0, ...}``) makes a label of 100 or more, which, beside the axes, squeezed them to a sliver."""
+
+
+def _legend_outside(fig: Any, ax: Any) -> None:
+    """The legend outside the axes, so the bands stay visible: to the right, or, with a label longer than
+    :data:`LONG_LABEL`, below them, one arm per line, the figure taller by those lines."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not labels or max(len(lab) for lab in labels) <= LONG_LABEL:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + 0.16 * len(labels) + 0.3)
+    ax.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
 
 
 def plot_limit_deltas(c: dict[str, Any], path: Path) -> None:
