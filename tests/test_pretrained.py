@@ -377,18 +377,48 @@ TINY_TRAIN = ["trainer.max_steps=2", "trainer.max_tokens=null", "trainer.warmup_
               "tracking.wandb.mode=disabled"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(p.name for p in REAL.glob("*.yaml") if p.stem != "profile"))
-def test_real_recipes_train_two_lora_steps(smollm2: dict, recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+CHAINED = {"reasoning-grpo-outcome.yaml": "reasoning-sft.yaml", "reasoning-grpo-step.yaml": "reasoning-sft.yaml"}
+"""Recipes that start from another recipe's run (``model.path: runs/<that run>/latest/model``), tested chained."""
+TINY_GRPO = ["trainer.trl.num_generations=2", "trainer.trl.max_completion_length=16"]
+
+
+def _two_lora_steps(recipe: Path, out_dir: Path, *extra: str) -> Path:
+    """Train ``recipe`` for 2 LoRA steps into ``out_dir``; the run directory, checked: 2 steps, a LoRA's share of
+    trainable weights, the adapter and the merged model written."""
     from tests.test_cli import run_in_process, run_dirs
 
-    monkeypatch.setenv("LLM_LIMITS_HOME", str(smollm2["home"]))
-    out = run_in_process("train", str(REAL / recipe), *TINY_TRAIN, f"output_dir={tmp_path}", "--no-progress")
+    out = run_in_process("train", str(recipe), *TINY_TRAIN, *extra, f"output_dir={out_dir}", "--no-progress")
     assert out.returncode == 0, out.stderr[-2000:]
-    (run,) = run_dirs(tmp_path)
+    (run,) = run_dirs(out_dir)
     results = json.loads((run / "results.json").read_text())
     assert results["train"]["steps"] == 2 and results["model"]["trainable_params"] < results["model"]["total_params"] / 10
     assert (run / "adapter").is_dir() and (run / "model" / "model.safetensors").is_file()  # LoRA: adapter + merged
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in REAL.glob("*.yaml") if p.stem != "profile" and p.name not in CHAINED))
+def test_real_recipes_train_two_lora_steps(smollm2: dict, recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLM_LIMITS_HOME", str(smollm2["home"]))
+    _two_lora_steps(REAL / recipe, tmp_path)
+
+
+@pytest.mark.slow
+def test_real_reasoning_chain_sft_then_both_grpo_arms(smollm2: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The reasoning pair as a user runs it: the SFT warm start, then each GRPO arm from its merged model (the
+    recipe's ``model.path`` pointed at this test's SFT run), 2 steps each."""
+    import yaml
+
+    monkeypatch.setenv("LLM_LIMITS_HOME", str(smollm2["home"]))
+    assert set(CHAINED.values()) == {"reasoning-sft.yaml"}
+    sft = _two_lora_steps(REAL / "reasoning-sft.yaml", tmp_path / "sft")
+    for recipe in sorted(CHAINED):
+        declared = yaml.safe_load((REAL / recipe).read_text())["model"]["path"]
+        assert declared.startswith("runs/real-reasoning-sft/"), declared  # the run this test stands in for
+        grpo = _two_lora_steps(REAL / recipe, tmp_path / recipe, f"model.path={sft / 'model'}", *TINY_GRPO)
+        (mitigation,) = json.loads((grpo / "results.json").read_text())["mitigations"]
+        assert mitigation["name"] == "process_rewards"
+        assert mitigation["reward"] == recipe.removeprefix("reasoning-grpo-").removesuffix(".yaml")
 
 
 EVERY_EVAL = [  # each text eval, 2 examples (the prm eval needs a trained reward model; multimodal a vision tower)
