@@ -86,10 +86,10 @@ class Result:
     kills: int = 0
     kills_asked: int = 0
     late_kills: int = 0
+    """Kills that came after the run had written its final results (during its shutdown): not an interruption."""
     resumed: int = 0
     """Attempts after the first whose log says ``--resume: continuing from`` a checkpoint (the rest started over: a
     soak where every resume trained from the start would still end bitwise equal, so this is counted)."""
-    """Kills that came after the run had written its final results (during its shutdown): not an interruption."""
     attempts: int = 0
     steps: int | None = None
     bitwise: bool | None = None
@@ -179,6 +179,7 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
     t0 = time.time()
     for i, target in enumerate(targets):
         delay = rng.uniform(0.0, max_delay)
+        wait_for = max(target, start + 1)  # a checkpoint this attempt wrote itself, at or past the target
         args = ["train", "--resume", str(run_dir)] if run_dir else ["train", str(path)]
         proc = launch(args, work / f"attempt{i}.log", env)
         res.attempts += 1
@@ -186,7 +187,7 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         while proc.poll() is None and time.time() < deadline:
             if run_dir is None and (dirs := run_dirs(root)):
                 run_dir = dirs[0]
-            if run_dir is not None and newest_checkpoint(run_dir, cfg.backend, max_steps) >= max(target, start + 1):
+            if run_dir is not None and newest_checkpoint(run_dir, cfg.backend, max_steps) >= wait_for:
                 break
             time.sleep(0.05)
         time.sleep(delay)
@@ -202,7 +203,7 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         res.kills += 1
         res.late_kills += int(done_before)
         res.moments.append(f"kill {i + 1}: attempt {i} (from step {start}) killed {delay:.2f} s after a "
-                           f"checkpoint >= {max(target, start + 1)} existed ({killed} processes), newest checkpoint then {step}"
+                           f"checkpoint >= {wait_for} existed ({killed} processes), newest checkpoint then {step}"
                            + (" (the run had already written its results)" if done_before else ""))
         start = step
         bar.update(1)
@@ -222,14 +223,10 @@ def soak(cfg: Config, *, kills: int, seed: int, max_steps: int, checkpoint_every
         return res
     res.steps = int(json.loads((run_dir / "results.json").read_text())["train"]["steps"])
     res.bitwise = same(reference, run_dir)
-    res.resumed = sum("--resume: continuing from" in p.read_text() for p in work.glob("attempt*.log")
-                      if p.name != "attempt0.log") + ("--resume: continuing from" in _text(work / "final.log"))
+    resumes = [p for p in [*work.glob("attempt*.log"), work / "final.log"] if p.name != "attempt0.log" and p.exists()]
+    res.resumed = sum("--resume: continuing from" in p.read_text() for p in resumes)
     (work / "moments.txt").write_text("\n".join(res.moments) + "\n")
     return res
-
-
-def _text(path: Path) -> str:
-    return path.read_text() if path.exists() else ""
 
 
 def table(results: list[Result]) -> str:
