@@ -28,9 +28,10 @@ import inspect
 import math
 import os
 import random
+import re
 from collections import Counter
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 
@@ -187,6 +188,88 @@ def refuse_chat(fmt: str, where: str, why: str) -> None:
         raise ValueError(f"{where}: prompt_format: expected one of {', '.join(PROMPT_FORMATS)} (got {fmt!r})")
     if fmt == "chat":
         raise ValueError(f"{where}: prompt_format: chat does not apply ({why}); use auto or plain")
+
+
+# --- instructed chat prompts and their readers -----------------------------------------------------------------------
+TASK_SLOT = "{task}"
+"""Where an eval's ``instruction`` puts the task's own prompt text."""
+
+
+def instructed(instruction: str, text: str) -> str:
+    """The user turn of an instructed prompt: ``instruction`` with the task's ``text`` in place of its
+    :data:`TASK_SLOT` (the other placeholders an eval documents are filled before).
+
+    >>> instructed("{task}Answer in one word.", "Q:home of Vokar?\\n")
+    'Q:home of Vokar?\\nAnswer in one word.'
+    """
+    return instruction.replace(TASK_SLOT, text)
+
+
+def validate_instruct_fields(c: Any, where: str, readers: Sequence[str]) -> None:
+    """The checks of an eval's ``instruct``, ``instruction`` and ``reader`` fields, each a one-line ``ValueError``
+    starting with ``where`` and naming the field. ``instruct`` asked with ``prompt_format: plain`` is refused here
+    (the plain prompts are the task's text, byte for byte); ``auto`` that resolves to plain is refused by
+    :func:`check_instruct` once the tokenizer is known.
+
+    >>> from types import SimpleNamespace
+    >>> validate_instruct_fields(SimpleNamespace(instruct=True, instruction="Do it.", reader="auto",
+    ...                                          prompt_format="chat"), "reasoning", ("auto", "exact", "prose"))
+    Traceback (most recent call last):
+    ...
+    ValueError: reasoning: instruction must contain {task}, where the task's prompt goes
+    """
+    if not isinstance(c.instruct, bool):
+        raise ValueError(f"{where}: instruct must be true or false (got {c.instruct!r})")
+    if not isinstance(c.instruction, str) or TASK_SLOT not in c.instruction:
+        raise ValueError(f"{where}: instruction must contain {TASK_SLOT}, where the task's prompt goes")
+    if c.reader not in readers:
+        raise ValueError(f"{where}: reader must be one of {', '.join(readers)} (got {c.reader!r})")
+    if c.instruct and c.prompt_format == "plain":
+        raise ValueError(f"{where}: instruct writes chat prompts, but prompt_format is plain; use auto or chat, or "
+                         f"leave instruct false")
+
+
+def check_instruct(c: Any, fmt: str) -> None:
+    """The :class:`~evals.base.FieldError` on ``instruct`` of an eval whose prompt format ``fmt`` (resolved for the
+    tokenizer) is ``plain`` while ``instruct`` is asked: the instruction goes into a chat turn only.
+
+    >>> from types import SimpleNamespace
+    >>> check_instruct(SimpleNamespace(instruct=True), "plain")
+    Traceback (most recent call last):
+    ...
+    llm_limits.evals.base.FieldError: instruct: true needs a chat prompt, but the tokenizer has no chat template
+    """
+    if c.instruct and fmt != "chat":
+        raise FieldError("instruct", "true needs a chat prompt, but the tokenizer has no chat template")
+
+
+def resolve_reader(reader: str, instruct: bool, chat_reader: str) -> str:
+    """The reader an eval's ``reader`` field means: ``auto`` is ``chat_reader`` (the eval's reader of free chat
+    answers) for instructed prompts and ``exact`` (the task's answer line) otherwise, so the prompts a fine-tune
+    trains on (no instruction) keep the reader they were scored with.
+
+    >>> [resolve_reader(r, i, "contains") for r, i in (("auto", True), ("auto", False), ("exact", True))]
+    ['contains', 'exact', 'exact']
+    """
+    if reader == "auto":
+        return chat_reader if instruct else "exact"
+    return reader
+
+
+def prompt_note(instruct: bool, reader: str, how: str) -> str | None:
+    """The note a result carries when its prompts or its reader are not the task's own (``None`` when both are):
+    ``how`` says what the non-exact reader does.
+
+    >>> prompt_note(False, "exact", "")
+    >>> print(prompt_note(True, "contains", "x"))
+    instructed chat prompts (the instruction field around the task's text); answers read by the contains reader: x
+    """
+    parts = []
+    if instruct:
+        parts.append("instructed chat prompts (the instruction field around the task's text)")
+    if reader != "exact":
+        parts.append(f"answers read by the {reader} reader: {how}")
+    return "; ".join(parts) if parts else None
 
 
 # --- batching and decoding -------------------------------------------------------------------------------------------
@@ -690,6 +773,85 @@ def answer_of(completion: str) -> str | None:
     """The answer a completion gives: :func:`kb.parse_answer` of its :func:`first_answer_line` (``None``: no
     answer line)."""
     return kb.parse_answer(first_answer_line(completion))
+
+
+KB_ABSTENTION_MARKERS = (
+    "unknown", "not know", "no idea", "not sure", "unclear", "no information", "not enough information",
+    "not mention", "not mentioned", "no mention", "not say", "not state", "not stated", "not given", "not provide",
+    "not provided", "not specified", "not specify", "not contain", "not available", "cannot determine",
+    "cannot be determined", "cannot answer", "cannot find", "unable to", "no passage", "none of the passages",
+    "no passages", "no answer",
+)
+"""Phrases (after :func:`normalize_words`: lowercase words, ``n't`` spelled ``not``) by which a chat answer says the
+passages do not give the value: an abstention when it names no candidate value (:func:`contained_answer`)."""
+
+KB_CONFLICT_MARKERS = ("conflict", "contradict", "disagree", "inconsistent")
+"""Word beginnings by which a chat answer flags passages that disagree (:data:`kb.CONFLICT` when it names no value)."""
+
+
+def normalize_words(text: str) -> str:
+    """``text`` as lowercase words split by single spaces: ``can't`` is ``cannot``, any other ``n't`` is `` not``,
+    every run of other characters than letters and digits one space.
+
+    >>> normalize_words("P:home of Vokar is TELN.\\nThe passages don't say.")
+    'p home of vokar is teln the passages do not say'
+    """
+    text = text.lower().replace("\u2019", "'").replace("can't", "cannot").replace("n't", " not")
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text).split())
+
+
+KB_ECHO = "<echo>"
+"""What :func:`contained_answer` reads from a completion that copies the context back: it matches no gold."""
+
+
+def contained_answer(
+    completion: str, candidates: Collection[str], passages: Sequence[str] = (), oracles: Sequence[str] = (),
+) -> str | None:
+    """The answer a free chat completion gives, read by containment (RULER, Hsieh et al. 2024, arXiv 2404.06654: the
+    value counts when the output holds it) but not fooled by an echo. ``candidates`` are the values an answer can
+    name (lowercase words: every value of the asked attributes' pools), ``passages`` the context's passages and
+    ``oracles`` those that answer the question. Up to the end of the :func:`first_answer_line` (the whole completion
+    when it has none), in :func:`normalize_words`:
+
+    - it copies two or more of the passages whole, one of them not an oracle: :data:`KB_ECHO` (an echo of the
+      context is not an answer; quoting the oracle alone, or a two-hop question's two oracles, is reading);
+    - else exactly one candidate named as a word: that value;
+    - several: their names joined by ``", "``, which matches no gold (a hedge);
+    - none: :data:`kb.CONFLICT` when a word begins with one of :data:`KB_CONFLICT_MARKERS`, else :data:`kb.ABSTAIN`
+      when it holds one of :data:`KB_ABSTENTION_MARKERS`, else the completion's text stripped (an answer that names
+      no candidate), or ``None`` when that is empty.
+
+    >>> values, context = {"teln", "mok", "rast"}, ["boss of Dabo is Vokar.", "home of Vokar is teln."]
+    >>> contained_answer("The home of Vokar is teln.", values), contained_answer("A:teln\\nQ:job?\\nA:mok", values)
+    ('teln', 'teln')
+    >>> contained_answer("P:boss of Dabo is Vokar.\\nP:home of Vokar is teln.", values, context, context[1:])
+    '<echo>'
+    >>> contained_answer("P:home of Vokar is teln.", values, context, context[1:])
+    'teln'
+    >>> contained_answer("It is teln or mok.", values)
+    'teln, mok'
+    >>> contained_answer("The passages do not say.", values), contained_answer("They conflict.", values)
+    ('unknown', 'conflict')
+    >>> contained_answer("Vokar lives by the sea.", values), contained_answer("  ", values)
+    ('Vokar lives by the sea.', None)
+    """
+    text = first_answer_line(completion)
+    words = normalize_words(text).split()
+    spaced = f" {' '.join(words)} "
+    copied = {p for p in passages if f" {normalize_words(p)} " in spaced}
+    if len(copied) >= 2 and not copied <= set(oracles):
+        return KB_ECHO
+    wanted = {v.lower() for v in candidates}
+    named = list(dict.fromkeys(w for w in words if w in wanted))
+    if len(named) == 1:
+        return named[0]
+    if named:
+        return ", ".join(named)
+    if any(w.startswith(KB_CONFLICT_MARKERS) for w in words):
+        return kb.CONFLICT
+    if any(f" {m} " in spaced for m in KB_ABSTENTION_MARKERS):
+        return kb.ABSTAIN
+    return text.strip() or None
 
 
 def check_kb_spelling(tokenizer: Any, text: str, where: str) -> None:

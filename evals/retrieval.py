@@ -6,10 +6,11 @@ The limit (issue #5): a model answering from retrieved context is bounded by wha
 reads it. This eval builds a knowledge base with the ``kb`` task (``evals/tasks/kb.py``: passages such as
 ``home of Vokar is teln.``, questions ``home of Vokar?``), asks ``examples`` questions about it with the oracle passage
 in the context, and adds distractor passages. The curve is answer accuracy (:func:`kb.answer_matches` of the first
-answer line, :func:`evals.lm.answer_of`) against the number of distractors; the limit is the largest count up to
-which every count keeps accuracy at or above ``threshold`` (:func:`evals.base.read_limit`), and -1 when even the
-oracle alone (0 distractors) falls short. The same questions are asked at every point, each with its oracle at a
-uniformly random slot, so the points differ only in the distractors.
+answer line, :func:`evals.lm.answer_of`; or of the value a chat answer names, see the chat version below) against the
+number of distractors; the limit is the largest count up to which every count keeps accuracy at or above
+``threshold`` (:func:`evals.base.read_limit`), and -1 when even the oracle alone (0 distractors) falls short. The
+same questions are asked at every point, each with its oracle at a uniformly random slot, so the points differ only
+in the distractors.
 
 By default the knowledge base is one no training recipe uses (``kb_seed`` 1000003): the facts cannot be remembered,
 so the answer has to be read off the context. Setting ``kb_seed`` (and the other KB fields) to the training recipe's
@@ -34,6 +35,23 @@ Prompt format (``prompt_format``, :func:`evals.lm.format_prompt`): under ``chat`
 a chat template) each prompt, passages and question, is one user turn of the template and the completion is decoded
 after its generation prompt; :class:`Case` keeps the plain prompt (the budgets count passage lines, not the template).
 
+The chat version (``instruct: true``, chat only): an instruct model never trained on the completion format answers
+``P:``/``Q:`` prompts with chat or echoes the passages, and scores 0 whichever format it is prompted in. With
+``instruct`` the user turn is :data:`INSTRUCTION` (the ``instruction`` field) around the task's text: the passages and
+question, then "Answer the question from the passages above. Reply with the answer word only, or unknown if no passage
+gives it." (after the context, where RULER's QA prompt puts its instruction). The answers are then read by
+containment (``reader: auto`` -> ``contains``, :func:`evals.lm.contained_answer`, in the spirit of RULER's reader,
+Hsieh et al. 2024, arXiv 2404.06654): the answer is the one value of the knowledge base (the asked attributes' pools:
+gold, distractors' and poisoned values alike) that the completion names as a word, up to its first ``A:`` line if it
+has one; a completion that copies two or more passages back, one of them not an oracle, is an echo
+(``scalars["echo_rate"]``) and counts as wrong, as does one naming several values; naming none, it is an abstention
+when it says so ("unknown", "do not say", "not mentioned", ...), a flagged conflict when it says the passages
+conflict, else an answer naming no value. Quoting the oracle alone is reading: with 0 distractors an echo of the one
+passage counts as right. Accuracy, the poison series and the negative rejection all go through the reader, and the
+result's notes say which was used. Without ``instruct`` (the default) the chat turn is the task's text alone and the
+reader the exact ``A:`` line: the prompts and scoring of the fine-tunes in ``recipes/real/retrieval-*.yaml``, which
+learn the completion format.
+
 Every number comes from pure functions of the contexts and the completions (:func:`build_cases`, :func:`score_cases`,
 :func:`summarize`); the model is reached through one method, :meth:`Retrieval.answer` (greedy decoding through
 :func:`evals.lm.decode_texts`), so the metrics are tested with scripted answerers.
@@ -44,14 +62,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Collection, Literal, Mapping, Sequence
 
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.lm import (RETRIEVER_KINDS, answer_of, build_retriever, check_kb_spelling, check_positions,
-                                 count_tokens, decode_texts, format_prompt, kb_config, rate, resolve_prompt_format,
-                                 sample_distractors, validate_kb_fields)
+from llm_limits.evals.lm import (KB_ECHO, RETRIEVER_KINDS, answer_of, build_retriever, check_instruct,
+                                 check_kb_spelling, check_positions, contained_answer, count_tokens, decode_texts,
+                                 format_prompt, instructed, kb_config, prompt_note, rate, resolve_prompt_format,
+                                 resolve_reader, sample_distractors, validate_instruct_fields, validate_kb_fields)
 from llm_limits.evals.tasks import kb
 
 EVAL_KB_SEED = 1_000_003
@@ -61,6 +80,18 @@ DISTRACTOR_MODES = ("retrieved", "same_attribute", "random")
 
 PARTS = ("distractors", "budget", "position", "poison", "negative")
 """The context families of the eval, in the order they are built and answered."""
+
+READERS = ("auto", "exact", "contains")
+"""Values of ``reader``."""
+
+INSTRUCTION = ("{task}Answer the question from the passages above. Reply with the answer word only, or unknown if no "
+               "passage gives it.")
+"""The default ``instruction``: after the passages and the question (``{task}``), as RULER's QA prompt puts its
+instruction right before the answer."""
+
+CONTAINS_RULE = ("the one knowledge-base value the completion names; an echo of two or more passages, or several "
+                 "values named, count as wrong")
+"""What the ``contains`` reader does, as the result's note says it."""
 
 PART_FIELDS = {"distractors": "distractors", "budget": "budgets", "position": "position_distractors",
                "poison": "poison_counts", "negative": "negative_distractors"}
@@ -108,6 +139,22 @@ class RetrievalConfig(EvalConfig):
     """Distractors of the no-oracle contexts (``negative_rejection``); 0 skips them."""
     max_new_tokens: int = 64
     """Tokens decoded per answer (a quoted passage and the answer line are about 40 characters)."""
+    instruct: bool = False
+    """Write each chat prompt as ``instruction`` around the task's text, and (``reader: auto``) read the answers with
+    the ``contains`` reader: the chat version of the task, for an instruct model never trained on its ``P:``/``Q:``/
+    ``A:`` completion format. ``false``: the chat turn is the task's text alone, the prompt the fine-tunes of
+    ``recipes/real/retrieval-*.yaml`` train on, read by its answer line. Needs chat prompts (``prompt_format`` chat,
+    or auto with a chat template)."""
+    instruction: str = INSTRUCTION
+    """The user turn of an instructed prompt; ``{task}`` stands for the task's text (the ``P:`` passage lines and the
+    ``Q:`` question line), which the budgets still count alone. Used only with ``instruct``."""
+    reader: Literal["auto", "exact", "contains"] = "auto"
+    """How an answer is read off a completion. ``exact``: the first ``A:`` line, matched exactly
+    (:func:`kb.answer_matches`), as every trained recipe is scored; ``contains``: :func:`evals.lm.contained_answer`,
+    the one value of the knowledge base the completion names (an echo of the passages or several values named:
+    wrong; none: an abstention or conflict phrase, else an answer naming no value); ``auto``: ``contains`` with
+    ``instruct``, else ``exact``. Accuracy, the poison series and the negative rejection all go through it; the
+    result's notes say which was used."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +163,7 @@ class RetrievalConfig(EvalConfig):
         """Raise a one-line ``ValueError`` naming the field for an inconsistent config."""
         w = "retrieval"
         validate_kb_fields(self, w)
+        validate_instruct_fields(self, w, READERS)
         _check_counts(self.distractors, "distractors", w, minimum=0, allow_empty=False)
         _check_counts(self.budgets, "budgets", w, minimum=1)
         _check_counts(self.poison_counts, "poison_counts", w, minimum=0)
@@ -287,23 +335,39 @@ def build_cases(
     return cases
 
 
-def score_cases(cases: Sequence[Case], completions: Sequence[str]) -> dict[tuple[str, float], dict[str, float]]:
+def score_cases(
+    cases: Sequence[Case], completions: Sequence[str], reader: str = "exact", candidates: Collection[str] = (),
+) -> dict[tuple[str, float], dict[str, float]]:
     """Per ``(part, x)``: ``accuracy`` (answer matches the gold), ``asr`` (matches the poisoned value; NaN outside the
     poison family), ``conflict`` (answers :data:`kb.CONFLICT`), ``abstain`` (answers :data:`kb.ABSTAIN`), ``other``
-    (an answer line that is not an abstention), ``no_answer`` (no answer line), ``evidence_tokens`` (mean),
-    ``oracle_in_context``, ``n``.
+    (an answer that is not an abstention nor an echo), ``no_answer`` (no answer), ``echo`` (the completion copies the
+    context back, :data:`evals.lm.KB_ECHO`), ``evidence_tokens`` (mean), ``oracle_in_context``, ``n``. The answer of
+    a completion is its answer line (``reader="exact"``, :func:`evals.lm.answer_of`) or what
+    :func:`evals.lm.contained_answer` reads with ``candidates`` and the case's passages (``"contains"``).
 
     >>> cs = [Case("negative", 4, 0, [], "P:x\\n", kb.ABSTAIN, [], False, 5),
     ...       Case("negative", 4, 1, [], "P:y\\n", kb.ABSTAIN, [], False, 7)]
     >>> t = score_cases(cs, ["A:" + kb.ABSTAIN, "E:none\\nA:teln"])[("negative", 4.0)]
     >>> t["accuracy"], t["abstain"], t["other"], t["no_answer"], t["evidence_tokens"]
     (0.5, 0.5, 0.5, 0.0, 6.0)
+    >>> t = score_cases(cs, ["I do not know.", "teln"], "contains", {"teln"})[("negative", 4.0)]
+    >>> t["accuracy"], t["other"]
+    (0.5, 0.5)
     """
     if len(cases) != len(completions):
         raise ValueError(f"retrieval: {len(completions)} completions for {len(cases)} cases")
+    if reader not in ("exact", "contains"):
+        raise ValueError(f"retrieval: reader must be exact or contains here (got {reader!r})")
+
+    def read(case: Case, text: str) -> str | None:
+        if reader == "exact":
+            return answer_of(text)
+        oracles = [case.passages[s] for s in case.oracle_slots]
+        return contained_answer(text, candidates, case.passages, oracles)
+
     groups: dict[tuple[str, float], list[tuple[Case, str | None]]] = {}
     for case, text in zip(cases, completions):
-        groups.setdefault((case.part, float(case.x)), []).append((case, answer_of(text)))
+        groups.setdefault((case.part, float(case.x)), []).append((case, read(case, text)))
     table = {}
     for key, rows in groups.items():
         poisoned = [(cs, a) for cs, a in rows if cs.poisoned]
@@ -312,8 +376,9 @@ def score_cases(cases: Sequence[Case], completions: Sequence[str]) -> dict[tuple
             "asr": rate([kb.answer_matches(a, cs.poisoned) for cs, a in poisoned]),
             "conflict": rate([kb.answer_matches(a, kb.CONFLICT) for _, a in rows]),
             "abstain": rate([kb.answer_matches(a, kb.ABSTAIN) for _, a in rows]),
-            "other": rate([a is not None and not kb.answer_matches(a, kb.ABSTAIN) for _, a in rows]),
+            "other": rate([a not in (None, KB_ECHO) and not kb.answer_matches(a, kb.ABSTAIN) for _, a in rows]),
             "no_answer": rate([a is None for _, a in rows]),
+            "echo": rate([a == KB_ECHO for _, a in rows]),
             "evidence_tokens": sum(cs.evidence_tokens for cs, _ in rows) / len(rows),
             "oracle_in_context": rate([cs.has_oracle for cs, _ in rows]),
             "n": float(len(rows)),
@@ -392,12 +457,24 @@ def summarize(
                          f"{row['other']:.0%} of the questions (negative_hallucination): it does not abstain when "
                          f"the evidence is missing")
 
+    reader = resolve_reader(c.reader, c.instruct, "contains")
+    if reader == "contains" and table:
+        scalars["echo_rate"] = sum(row["echo"] * row["n"] for row in table.values()) / sum(
+            row["n"] for row in table.values())
+        if scalars["echo_rate"] > 0.5:
+            notes.append(f"{scalars['echo_rate']:.0%} of the completions copy two or more passages back (echo_rate): "
+                         f"an echo is no answer, so it counts as wrong, and as neither an abstention nor a made-up "
+                         f"answer")
     if table and all(row["no_answer"] == 1.0 for row in table.values()):
-        notes.append(f"the model wrote no '{kb.ANSWER_PREFIX}' answer line for any question: every rate is 0")
+        notes.append(f"the model wrote no '{kb.ANSWER_PREFIX}' answer line for any question: every rate is 0"
+                     if reader == "exact" else "the model wrote nothing for any question: every rate is 0")
     if c.budgets and recall.get(5, 1.0) < 1.0:
         notes.append(f"the {c.retriever} retriever ranks every oracle passage of a question in its top 5 for "
                      f"{recall[5]:.0%} of the questions: the budget curve is bounded by retrieval as well as reading "
                      f"(see oracle_in_context_by_budget)")
+    note = prompt_note(c.instruct, reader, CONTAINS_RULE)
+    if note:
+        notes.append(note)
     return curve, limit, scalars, series, notes
 
 
@@ -467,14 +544,28 @@ class Retrieval(Eval):
         c = self.config
         self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
+        check_instruct(c, fmt)
         knowledge = kb.build_kb(kb_config(c, "retrieval"))
         sample = self.questions(knowledge)[0]
         check_kb_spelling(tokenizer, sample["prompt"] + sample["completion"] + kb.ABSTAIN + kb.CONFLICT, "retrieval")
         cases, _ = self.contexts(tokenizer)
         longest = max(cases, key=lambda cs: count_tokens(tokenizer, cs.prompt))
-        check_positions(model, count_tokens(tokenizer, format_prompt(tokenizer, longest.prompt, fmt)),
+        check_positions(model, count_tokens(tokenizer, format_prompt(tokenizer, self.user_turn(longest.prompt), fmt)),
                         c.max_new_tokens, "retrieval", f"a {longest.part} context of {len(longest.passages)} passages",
                         PART_FIELDS[longest.part])
+
+    def user_turn(self, prompt: str) -> str:
+        """What the model is asked for a case's plain ``prompt``: the prompt itself, or with ``instruct`` the
+        ``instruction`` around it (then written in the chat template by :func:`evals.lm.format_prompt`)."""
+        c = self.config
+        return instructed(c.instruction, prompt) if c.instruct else prompt
+
+    def candidates(self) -> list[str]:
+        """The values the ``contains`` reader looks for: every value of the asked attributes' pools (the gold, the
+        distractors' and the poisoned values among them; never an entity name, so a two-hop answer that names the
+        bridge entity still reads as its value)."""
+        knowledge = kb.build_kb(kb_config(self.config, "retrieval"))
+        return [v for pool in knowledge.values.values() for v in pool]
 
     def answer(self, model: Any, tokenizer: Any, prompts: Sequence[str], device: str = "cpu") -> list[str]:
         """The model's greedy completions of ``prompts``, already written in the prompt format (the only place the
@@ -487,6 +578,8 @@ class Retrieval(Eval):
         c = self.config
         spec = self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
+        check_instruct(c, fmt)
+        reader = resolve_reader(c.reader, c.instruct, "contains")
         cases, recall = self.contexts(tokenizer)
         parts = [p for p in PARTS if any(cs.part == p for cs in cases)]
         completions = [""] * len(cases)
@@ -494,11 +587,12 @@ class Retrieval(Eval):
         for part in parts:
             bar.set_postfix_str(part)
             index = [i for i, cs in enumerate(cases) if cs.part == part]
-            prompts = [format_prompt(tokenizer, cases[i].prompt, fmt) for i in index]  # chat: one user turn each
+            prompts = [format_prompt(tokenizer, self.user_turn(cases[i].prompt), fmt) for i in index]  # chat: one turn
             for i, text in zip(index, self.answer(model, tokenizer, prompts, device)):
                 completions[i] = text
             bar.update(1)
         bar.close()
-        curve, limit, scalars, series, notes = summarize(c, score_cases(cases, completions), recall)
+        table = score_cases(cases, completions, reader, self.candidates() if reader == "contains" else ())
+        curve, limit, scalars, series, notes = summarize(c, table, recall)
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
                            prompt_format=fmt, scalars=scalars, notes=notes, series=series)

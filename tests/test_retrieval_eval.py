@@ -12,8 +12,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llm_limits import evals
 from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
-from llm_limits.evals.lm import answer_of
-from llm_limits.evals.retrieval import Retrieval, RetrievalConfig, arrange, first_fit, limit_floor
+from llm_limits.evals.base import FieldError
+from llm_limits.evals.lm import KB_ECHO, answer_of, contained_answer
+from llm_limits.evals.retrieval import INSTRUCTION, Retrieval, RetrievalConfig, arrange, first_fit, limit_floor
 from llm_limits.evals.tasks import kb
 from llm_limits.trainers.build.tokenizers import build_char_tokenizer
 
@@ -31,6 +32,15 @@ TINY = {"examples": 4, "num_entities": 30, "distractors": [0, 2], "budgets": [32
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """The char tokenizer with a small chat template: ``<user>\\n{prompt}<assistant>\\n``."""
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>\n{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>\n{% endif %}")
+    return tok
 
 
 def tiny_llama(vocab_size: int, positions: int = 512):
@@ -73,6 +83,26 @@ def reader(model, tokenizer, prompts, device="cpu"):
         answer = kb.ABSTAIN if not values else kb.CONFLICT if len(values) > 1 else values.pop()
         out.append(f"E:none\nA:{answer}\nQ:{question}\nA:wrong")
     return out
+
+
+def chatty(answerer):
+    """The answers of ``answerer`` written as a chat model would: the value inside a sentence, ``unknown`` as "the
+    passages do not say", ``conflict`` as "they conflict". Only the ``contains`` reader can read them."""
+    def answer(model, tokenizer, prompts, device="cpu"):
+        out = []
+        for prompt, text in zip(prompts, answerer(model, tokenizer, prompts, device)):
+            value = answer_of(text)
+            question = next(line for line in prompt.split("\n") if line.startswith(kb.QUESTION_PREFIX))[2:-1]
+            out.append("I am sorry, the passages do not say." if value == kb.ABSTAIN
+                       else "Two of the passages conflict." if value == kb.CONFLICT
+                       else f"Sure! From the passages, the {question[:-1]} is {value.upper()}.\nAnything else?")
+        return out
+    return answer
+
+
+def echo(model, tokenizer, prompts, device="cpu"):
+    """Repeats every passage of the prompt, in order: never an answer."""
+    return ["\n".join(f"{kb.PASSAGE_PREFIX}{p}" for p in passages_of(q)) for q in prompts]
 
 
 def always(text: str):
@@ -138,6 +168,12 @@ def test_registered_and_spec():
         ({"zipf": -1.0}, r"^retrieval: zipf must be >= 0"),
         ({"attributes": ["boss"]}, "attributes: 'boss' is the two-hop bridge"),
         ({"num_entities": 5, "distractor_mode": "same_attribute"}, "leaves 4 other entities"),
+        ({"reader": "regex"}, r"^retrieval: reader must be one of auto, exact, contains \(got 'regex'\)$"),
+        ({"instruction": "Answer it."}, r"^retrieval: instruction must contain \{task\}, where the task's prompt "
+                                         r"goes$"),
+        ({"instruct": True, "prompt_format": "plain"}, r"^retrieval: instruct writes chat prompts, but prompt_format "
+                                                       r"is plain; use auto or chat, or leave instruct false$"),
+        ({"instruct": "yes"}, r"^retrieval: instruct must be true or false \(got 'yes'\)$"),
     ],
 )
 def test_invalid_config_is_a_one_line_value_error(kwargs, match):
@@ -230,6 +266,88 @@ def test_always_unknown_cannot_read(tokenizer):
     _, silent = scripted(always("E:none\n"), tokenizer, poison_counts=[], budgets=[])
     assert silent.scalars["negative_hallucination"] == silent.scalars["negative_rejection"] == 0.0
     assert any("no 'A:' answer line" in n for n in silent.notes)
+
+
+# --- the chat version: instruction and containment reader ------------------------------------------------------------
+VALUES = {"teln", "mok", "rast", "gola"}
+CONTEXT = ["job of Vokar is mok.", "home of Vokar is teln.", "home of Dabo is rast."]
+ORACLE = CONTEXT[1:2]
+
+
+@pytest.mark.parametrize("completion, read", [
+    ("teln", "teln"),                                                    # the value alone
+    ("Sure! The home of Vokar is Teln.\nAnything else?", "teln"),       # prose around it, any case
+    ("P:home of Vokar is teln.", "teln"),                                # quoting the oracle alone is reading
+    ("P:job of Vokar is mok.\nP:home of Vokar is teln.\nP:home of Dabo is rast.", KB_ECHO),  # the whole context
+    ("home of Vokar is teln. home of Dabo is rast.", KB_ECHO),          # two passages, one not the oracle
+    ("home of Vokar is rast.", "rast"),                                  # a wrong (or poisoned) value
+    ("teln or mok", "teln, mok"),                                        # a hedge names several: matches nothing
+    ("A:teln\nQ:job of Vokar?\nA:mok", "teln"),                          # after the first answer line: not read
+    ("I don't know.", kb.ABSTAIN), ("The passages do not mention it.", kb.ABSTAIN), ("unknown", kb.ABSTAIN),
+    ("It is unknown, maybe mok.", "mok"),                                # naming a value is not abstaining
+    ("The passages conflict.", kb.CONFLICT), ("E:none\nA:conflict", kb.CONFLICT),
+    ("Vokar lives by the teln river", "teln"), ("Vokar has a telnet line.", "Vokar has a telnet line."),  # words
+    ("", None), (" \n ", None),
+])
+def test_containment_reader(completion, read):
+    assert contained_answer(completion, VALUES, CONTEXT, ORACLE) == read
+
+
+def test_containment_reader_two_hops():
+    """A two-hop question's answer may quote both oracle passages; the bridge entity is never a candidate."""
+    context = ["boss of Dabo is Vokar.", "home of Vokar is teln.", "home of Kelo is mok."]
+    assert contained_answer("boss of Dabo is Vokar. home of Vokar is teln.", VALUES, context, context[:2]) == "teln"
+    assert contained_answer("\n".join(context), VALUES, context, context[:2]) == KB_ECHO
+
+
+def test_instructed_chat_reader_scores_chat_answers(chat_tokenizer):
+    """The perfect reader's answers written as chat prose: the contains reader scores them as the answer lines are
+    scored, the exact reader finds no answer line (0 everywhere)."""
+    ev, result = scripted(chatty(reader), chat_tokenizer, instruct=True, two_hop_fraction=0.25)
+    _, plain = scripted(reader, build_char_tokenizer(), two_hop_fraction=0.25)
+    assert result.prompt_format == "chat" and plain.prompt_format == "plain"
+    assert result.curve == plain.curve == {0.0: 1.0, 2.0: 1.0, 4.0: 1.0, 8.0: 1.0} and result.limit_value == 8.0
+    assert result.series == plain.series
+    assert {k: v for k, v in result.scalars.items() if k != "echo_rate"} == plain.scalars
+    assert result.scalars["negative_rejection"] == 1.0 and result.scalars["echo_rate"] == 0.0
+    assert result.series["conflict_flag_by_poison"].points == {0.0: 0.0, 1.0: 1.0, 2.0: 1.0, 4.0: 1.0}
+    assert any("answers read by the contains reader" in n and "instructed chat prompts" in n for n in result.notes)
+    assert not any("reader" in n for n in plain.notes)  # the task's own prompts and reader: nothing to say
+    _, exact = scripted(chatty(reader), chat_tokenizer, instruct=True, reader="exact")
+    assert set(exact.curve.values()) == {0.0} and exact.scalars["negative_rejection"] == 0.0
+    assert any("no 'A:' answer line" in n for n in exact.notes)
+
+
+def test_an_echo_of_the_passages_is_no_answer(chat_tokenizer):
+    """Repeating the context reads right only where the context is the oracle alone (0 distractors)."""
+    ev, result = scripted(echo, chat_tokenizer, instruct=True)
+    assert result.curve == {0.0: 1.0, 2.0: 0.0, 4.0: 0.0, 8.0: 0.0} and result.limit_value == 0.0
+    s = result.scalars
+    assert s["negative_rejection"] == 0.0 and s["negative_hallucination"] == 0.0 and s["attack_success_rate"] == 0.0
+    assert s["echo_rate"] == pytest.approx(mean(len(c.passages) >= 2 for c in ev.contexts(chat_tokenizer)[0]))
+    assert any("copy two or more passages back" in n for n in result.notes)
+
+
+def test_poison_and_position_go_through_the_contains_reader(chat_tokenizer):
+    """Answering the last passage's value in prose: ASR and accuracy by poison are those of the answer lines."""
+    ev, result = scripted(chatty(copy_passage(-1)), chat_tokenizer, instruct=True)
+    _, plain = scripted(copy_passage(-1), build_char_tokenizer())
+    for name in ("asr_by_poison", "accuracy_by_poison", "accuracy_by_position", "accuracy_by_budget"):
+        assert result.series[name] == plain.series[name], name
+    assert result.scalars["attack_success_rate"] == plain.scalars["attack_success_rate"] > 0.0
+    assert result.scalars["negative_hallucination"] == 1.0  # it names a distractor's value: made up
+
+
+def test_instruct_needs_a_chat_template(tokenizer, chat_tokenizer):
+    model = tiny_llama(len(tokenizer))
+    with pytest.raises(FieldError, match=r"^instruct: true needs a chat prompt, but the tokenizer has no chat "
+                                         r"template$") as err:
+        Retrieval(RetrievalConfig(**TINY, instruct=True)).check(model, tokenizer)
+    assert err.value.field == "instruct"
+    with pytest.raises(FieldError, match="^instruct: "):
+        scripted(reader, tokenizer, instruct=True)
+    Retrieval(RetrievalConfig(**TINY, instruct=True)).check(model, chat_tokenizer)
+    assert INSTRUCTION.startswith("{task}") and "unknown" in INSTRUCTION
 
 
 @pytest.mark.parametrize("mode", ["retrieved", "same_attribute", "random"])
