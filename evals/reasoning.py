@@ -38,7 +38,20 @@ cut short, the dots, ``A:``) follows the generation prompt as the start of that 
 (``prm_path``, ``orm_path``) reads the problem in its own tokenizer's format (``auto`` for it, unless the eval's is
 ``plain``).
 
-Everything the numbers depend on is a pure function (:func:`score_chain`, :func:`mediation_outcome`,
+The chat version (``instruct: true``, chat only): an instruct model never trained on the chain format answers
+``Q:3+4*2-5`` with chat and scores 0 whichever format it is prompted in. With ``instruct`` the user turn is
+:data:`INSTRUCTION` (the ``instruction`` field, :func:`instruction_text`) around the problem: "Compute the expression
+from left to right, taking every result modulo 10. Write one step per line as a+b=c, then a last line A: and the
+answer.", the task's worked example ``Q:3+4*2-5`` with its chain, then the problem. The completions are then read by
+the prose reader (``reader: auto`` -> ``prose``, :func:`read_prose`): the steps are the lines that read one step
+``a+b=c`` (a ``Step 1:`` lead, spaces, a closing ``.`` allowed; other prose is skipped, not counted as a step, and the
+task's verifier judges each), the answer is the number of the first ``A:`` line that gives one (after "answer is",
+else after its last ``=``, else its only number), else of the last "answer is N". Mediation, early answering and the
+filler probe write their text after the generation prompt as before and read the model's continuations the same way;
+the result's notes say which reader was used. Without ``instruct`` (the default) the chat turn is the problem alone
+and the reader exact: the prompts and scoring of the fine-tunes in ``recipes/real/reasoning-*.yaml``.
+
+Everything the numbers depend on is a pure function (:func:`score_chain`, :func:`read_prose`, :func:`mediation_outcome`,
 :func:`step_start`, :func:`early_answer_prompt`, :func:`early_answer_bucket`, :func:`filler_prompt`, and in
 :mod:`evals.lm` :func:`~evals.lm.cut_after_answer`, :func:`~evals.lm.first_flagged`, :func:`~evals.lm.processbench_f1`,
 :func:`~evals.lm.majority_vote`, :func:`~evals.lm.pick_best`, :func:`~evals.lm.best_of_n_accuracy`);
@@ -52,18 +65,36 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from tqdm import tqdm
 
 from llm_limits.evals.base import Eval, EvalConfig, EvalResult, LimitSpec, Series, read_limit
-from llm_limits.evals.lm import (PRMScorer, best_of_n_accuracy, check_chains_spelling, cut_after_answer, decode_texts,
-                                 first_errors, format_prompt, has_rope, held_out_records, mean, own_prompt_format,
-                                 position_range, processbench_f1, processbench_records, resolve_prompt_format,
-                                 sample_completions, validate_chain_fields)
+from llm_limits.evals.lm import (PRMScorer, best_of_n_accuracy, check_chains_spelling, check_instruct, cut_after_answer,
+                                 decode_texts, first_errors, format_prompt, has_rope, held_out_records, instructed,
+                                 mean, own_prompt_format, position_range, processbench_f1, processbench_records,
+                                 prompt_note, resolve_prompt_format, resolve_reader, sample_completions,
+                                 validate_chain_fields, validate_instruct_fields)
 from llm_limits.evals.tasks import chains
 from llm_limits.evals.tasks.chains import ANSWER_PREFIX, STEP_SEP
+
+READERS = ("auto", "exact", "prose")
+"""Values of ``reader``."""
+
+INSTRUCTION = ("Compute the expression from left to right, taking every result modulo {modulus}. Write one step per "
+               "line as a+b=c, then a last line A: and the answer.\nExample:\n{example}\n\n{task}")
+"""The default ``instruction``: what to compute, the step and answer format, and one worked example (the example
+chain of the ``chains`` task, :func:`instruction_text`), then the problem (``{task}``: ``Q:3+4*2-5\\n``)."""
+
+PROSE_RULE = ("steps are the lines that read a+b=c; the answer is the first A: line's number, else the last "
+              "'answer is N'")
+"""What the ``prose`` reader does, as the result's note says it."""
+
+_PROSE_STEP = re.compile(r"(?:step\s*\d+\s*[:.)]\s*|[-•]\s+|\d+[.)]\s+)?"  # a lead: "Step 1:", "- ", "1. "
+                         r"(\d+)\s*([-+*×])\s*(\d+)\s*=\s*(\d+)\s*[.,;]?", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*(-?\d+)", re.IGNORECASE)
 
 
 @dataclass
@@ -96,6 +127,22 @@ class ReasoningConfig(EvalConfig):
     data_path: str | None = None
     """A user's GSM8K-style JSONL file (``chains.load_jsonl``): its final-answer accuracy goes to
     ``scalars["user_accuracy"]`` (the limit is still read off the generated chains)."""
+    instruct: bool = False
+    """Write each chat prompt as ``instruction`` around the problem, and (``reader: auto``) read the chains with the
+    ``prose`` reader: the chat version of the task, for an instruct model never trained on its ``Q:``/``A:``
+    completion format. ``false``: the chat turn is the problem alone, the prompt the fine-tunes of
+    ``recipes/real/reasoning-*.yaml`` train on, read exactly. Needs chat prompts (``prompt_format`` chat, or auto with
+    a chat template). A user's ``data_path`` problems are asked without it."""
+    instruction: str = INSTRUCTION
+    """The user turn of an instructed prompt: ``{task}`` stands for the problem (``Q:3+4*2-5\\n``), ``{modulus}``
+    for ``modulus``, ``{example}`` for a worked chain at that modulus (:func:`instruction_text`). Used only with
+    ``instruct``."""
+    reader: Literal["auto", "exact", "prose"] = "auto"
+    """How steps and answer are read off a completion. ``exact``: :func:`chains.parse_completion` (every line before
+    the first ``A:`` line a step, that line's text the answer), as every trained recipe is scored; ``prose``:
+    :func:`read_prose` (only lines that read ``a+b=c`` are steps, the answer is the first ``A:`` line's number, else
+    the last "answer is N"); ``auto``: ``prose`` with ``instruct``, else ``exact``. Accuracy, step validity,
+    mediation and the probes all go through it; the result's notes say which was used."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,15 +150,110 @@ class ReasoningConfig(EvalConfig):
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for an inconsistent config."""
         validate_chain_fields(self, "reasoning")
+        validate_instruct_fields(self, "reasoning", READERS)
         if self.best_of_n < 0:
             raise ValueError(f"reasoning: best_of_n must be >= 0 (got {self.best_of_n})")
 
 
 # --- functional core -------------------------------------------------------------------------------------------------
-def score_chain(record: Mapping[str, Any], completion: str) -> dict[str, Any]:
+def instruction_text(instruction: str, modulus: int) -> str:
+    """``instruction`` with ``{modulus}`` and ``{example}`` filled (``{task}`` is left for the problem): the example is
+    the ``chains`` task's own example chain ``3+4*2-5`` (its numbers taken modulo ``modulus``), prompt and
+    completion.
+
+    >>> print(instruction_text("Modulo {modulus}:\\n{example}\\n\\n{task}", 10))
+    Modulo 10:
+    Q:3+4*2-5
+    3+4=7
+    7*2=4
+    4-5=9
+    A:9
+    <BLANKLINE>
+    {task}
+    """
+    m = modulus
+    question = chains.format_question(3 % m, [("+", 4 % m), ("*", 2 % m), ("-", 5 % m)])
+    steps, answer = chains.gold_steps(question, m)
+    example = chains.format_prompt(question) + chains.format_completion(steps, answer)
+    return instruction.replace("{modulus}", str(m)).replace("{example}", example)
+
+
+def prose_step(line: str) -> str | None:
+    """The step a line of chat prose writes, in the task's format (``a+b=c``, no spaces), or ``None`` when the line
+    is not one step: a step may carry a ``Step 1:``, ``1.`` or ``-`` lead and a closing ``.``; ``×`` is ``*``.
+
+    >>> prose_step("Step 2: 7 * 2 = 4."), prose_step("- 4-5=9"), prose_step("3+4*2 = 9"), prose_step("So 3+4=7 here")
+    ('7*2=4', '4-5=9', None, None)
+    """
+    m = _PROSE_STEP.fullmatch(line.strip())
+    if m is None:
+        return None
+    a, op, b, c = m.groups()
+    return f"{a}{'*' if op == '×' else op}{b}={c}"
+
+
+def _line_answer(body: str) -> str | None:
+    """The number an answer line's text gives: after "answer is", else the one after its last ``=``, else its only
+    number (``None`` for none or several: ``7*9+8`` restates the problem)."""
+    m = _ANSWER_IS.search(body)
+    if m:
+        return m.group(1)
+    if "=" in body:
+        m = re.match(r"\s*(-?\d+)", body.rsplit("=", 1)[1])
+        return m.group(1) if m else None
+    m = re.fullmatch(r"\D*?(-?\d+)\D*", body)  # exactly one number
+    return m.group(1) if m else None
+
+
+def read_prose(text: str) -> tuple[list[str], str | None]:
+    """``(steps, answer)`` of a chain written in chat prose (the ``prose`` reader). Lines are read in order up to the
+    first ``A:`` line that gives a number (an ``A:`` line without one is skipped): the steps are the lines that
+    read one step (:func:`prose_step`), the answer that line's number (after "answer is", else after its last ``=``,
+    else its only number). With no such line the answer is the number of the last "answer is N" (or "answer: N"),
+    and ``None`` without one.
+
+    >>> read_prose("Sure! Step by step:\\n3 + 4 = 7\\n7*2=4\\nA: 4\\nQ:1+1")
+    (['3+4=7', '7*2=4'], '4')
+    >>> read_prose("A: 8-3*9 = 9"), read_prose("3+4=7\\nSo the answer is 7.")
+    (([], '9'), (['3+4=7'], '7'))
+    >>> read_prose("A:7*9+8\\nI cannot tell.")
+    ([], None)
+    """
+    steps = []
+    for line in text.split(STEP_SEP):
+        stripped = line.strip()
+        if stripped.startswith(ANSWER_PREFIX):
+            answer = _line_answer(stripped[len(ANSWER_PREFIX):])
+            if answer is not None:
+                return steps, answer
+            continue
+        step = prose_step(stripped)
+        if step is not None:
+            steps.append(step)
+    found = _ANSWER_IS.findall(text)
+    return steps, (found[-1] if found else None)
+
+
+def read_chain(text: str, reader: str = "exact") -> tuple[list[str], str | None]:
+    """``(steps, answer)`` of a completion under ``reader``: ``exact``, :func:`chains.parse_completion` of
+    :func:`cut_after_answer`; ``prose``, :func:`read_prose`.
+
+    >>> read_chain("3+4=7\\nA:7"), read_chain("3 + 4 = 7\\nThe answer is 7.", "prose")
+    ((['3+4=7'], '7'), (['3+4=7'], '7'))
+    >>> read_chain("3 + 4 = 7\\nThe answer is 7.")
+    (['3 + 4 = 7', 'The answer is 7.'], None)
+    """
+    if reader == "prose":
+        return read_prose(text)
+    if reader != "exact":
+        raise ValueError(f"reasoning: reader must be exact or prose here (got {reader!r})")
+    return chains.parse_completion(cut_after_answer(text))
+
+
+def score_chain(record: Mapping[str, Any], completion: str, reader: str = "exact") -> dict[str, Any]:
     """Score one generated completion of a ``chains`` record.
 
-    Returns ``steps`` and ``answer`` (:func:`chains.parse_completion` of :func:`cut_after_answer`), ``correct``
+    Returns ``steps`` and ``answer`` (:func:`read_chain` under ``reader``), ``correct``
     (``check_answer`` against ``gold_answer``), ``valid_steps`` (steps the verifier accepts) and ``step_slots``
     (``max(len(steps), num_steps)``: a missing step counts as an invalid one, an extra one too).
 
@@ -122,8 +264,11 @@ def score_chain(record: Mapping[str, Any], completion: str) -> dict[str, Any]:
     >>> s = score_chain(r, "A:" + r["gold_answer"])
     >>> s["correct"], s["valid_steps"], s["step_slots"]
     (True, 0, 2)
+    >>> prose = "Let's go.\\n" + r["completion"].replace("A:", "The answer is ")
+    >>> score_chain(r, prose)["correct"], score_chain(r, prose, "prose")["valid_steps"]
+    (False, 2)
     """
-    steps, answer = chains.parse_completion(cut_after_answer(completion))
+    steps, answer = read_chain(completion, reader)
     valid = chains.verify_steps(record["question"], steps, record["modulus"]) if steps else []
     return {
         "steps": steps,
@@ -209,9 +354,9 @@ def filler_prompt(prompt: str, steps: Sequence[str]) -> str:
     return prompt + ("." * n + STEP_SEP if n else "") + ANSWER_PREFIX
 
 
-def answer_of(text: str) -> str | None:
-    """The answer a completion text gives (:func:`chains.parse_completion` after :func:`cut_after_answer`)."""
-    return chains.parse_completion(cut_after_answer(text))[1]
+def answer_of(text: str, reader: str = "exact") -> str | None:
+    """The answer a completion text gives (:func:`read_chain` under ``reader``)."""
+    return read_chain(text, reader)[1]
 
 
 # --- the eval --------------------------------------------------------------------------------------------------------
@@ -227,6 +372,8 @@ class Reasoning(Eval):
     Config = ReasoningConfig
 
     config: ReasoningConfig
+    _reader: str = "exact"
+    """The reader :meth:`run` resolved (``exact`` or ``prose``), which the secondary measurements use too."""
 
     def spec(self) -> LimitSpec:
         c = self.config
@@ -238,6 +385,7 @@ class Reasoning(Eval):
         c = self.config
         self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
+        check_instruct(c, fmt)
         sample = self._records(max(c.lengths))[:1]
         text = sample[0]["prompt"] + sample[0]["completion"]
         check_chains_spelling(tokenizer, text, "reasoning")
@@ -252,7 +400,7 @@ class Reasoning(Eval):
         model_config = getattr(model, "config", None)
         n_pos = position_range(model_config)
         if n_pos is not None and not has_rope(model_config):
-            prompt = format_prompt(tokenizer, sample[0]["prompt"], fmt)
+            prompt = format_prompt(tokenizer, self.user_turn(sample[0]["prompt"]), fmt)
             needed = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + c.max_new_tokens
             if needed > n_pos:
                 raise ValueError(f"reasoning: a {max(c.lengths)}-step prompt plus max_new_tokens={c.max_new_tokens} "
@@ -263,10 +411,13 @@ class Reasoning(Eval):
         c = self.config
         spec = self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
-        # every prompt the policy answers is the problem written in fmt (under chat: one user turn); what the probes
-        # add after it (the gold steps, the model's own steps, dots) is the start of the assistant's answer
-        data = {length: [dict(r, prompt=format_prompt(tokenizer, r["prompt"], fmt), plain_prompt=r["prompt"])
-                         for r in self._records(length)] for length in c.lengths}
+        check_instruct(c, fmt)
+        self._reader = resolve_reader(c.reader, c.instruct, "prose")
+        # every prompt the policy answers is the problem written in fmt (under chat: one user turn, with instruct the
+        # instruction around it); what the probes add after it (the gold steps, the model's own steps, dots) is the
+        # start of the assistant's answer
+        data = {length: [dict(r, prompt=format_prompt(tokenizer, self.user_turn(r["prompt"]), fmt),
+                              plain_prompt=r["prompt"]) for r in self._records(length)] for length in c.lengths}
         records = [r for length in c.lengths for r in data[length]]
         stages = 1 + int(c.mediation) + 2 * int(c.probes) + int(c.prm_path is not None) + int(c.best_of_n > 0) \
             + int(c.data_path is not None)
@@ -278,7 +429,7 @@ class Reasoning(Eval):
         # --- 1. accuracy per length and 2. step validity
         bar.set_postfix_str("accuracy")
         texts = decode_texts(model, tokenizer, [r["prompt"] for r in records], c.batch_size, c.max_new_tokens, device)
-        scored = [score_chain(r, t) for r, t in zip(records, texts)]
+        scored = [score_chain(r, t, self._reader) for r, t in zip(records, texts)]
         curve: dict[float, float] = {}
         validity: dict[float, float] = {}
         for length in c.lengths:
@@ -331,6 +482,9 @@ class Reasoning(Eval):
             self._user_data(model, tokenizer, device, scalars, notes, fmt)
             bar.update(1)
         bar.close()
+        note = prompt_note(c.instruct, self._reader, PROSE_RULE)
+        if note:
+            notes.append(note)
 
         return self.result(spec=spec, curve=curve, limit_value=float(limit), threshold=c.threshold,
                            prompt_format=fmt, scalars=scalars, notes=notes, series=series)
@@ -364,7 +518,7 @@ class Reasoning(Eval):
                              c.batch_size, c.max_new_tokens, device)
         follows, ignores, following, by_length = [], [], [], {}
         for (length, r, k, new_value, prefix, expected), s, t in zip(cases, shown, texts):
-            steps, answer = chains.parse_completion(cut_after_answer(s + t))
+            steps, answer = read_chain(s + t, self._reader)
             f, i = mediation_outcome(answer, expected, str(r["gold_answer"]))
             follows.append(float(f))
             ignores.append(float(i))
@@ -400,7 +554,7 @@ class Reasoning(Eval):
                              self._answer_tokens(tokenizer), device)
         agree: dict[float, list[float]] = {}
         for (bucket, full, _), t in zip(cases, texts):
-            answer = answer_of(ANSWER_PREFIX + t)
+            answer = answer_of(ANSWER_PREFIX + t, self._reader)
             agree.setdefault(bucket, []).append(float(answer is not None and chains.check_answer(answer, full)))
         points = {x: mean(v) for x, v in sorted(agree.items())}
         series["early_answering"] = Series(axis="fraction_of_chain", metric="answer_agreement", points=points)
@@ -417,7 +571,7 @@ class Reasoning(Eval):
         texts = decode_texts(model, tokenizer, prompts, c.batch_size, self._answer_tokens(tokenizer), device)
         correct = []
         for r, t in zip(records, texts):
-            answer = answer_of(ANSWER_PREFIX + t)
+            answer = answer_of(ANSWER_PREFIX + t, self._reader)
             correct.append(float(answer is not None and chains.check_answer(answer, r["gold_answer"])))
         scalars["filler_accuracy"] = mean(correct)
         if scalars["accuracy"] > 0 and scalars["filler_accuracy"] >= scalars["accuracy"]:
@@ -446,7 +600,7 @@ class Reasoning(Eval):
         texts = sample_completions(model, tokenizer, [r["prompt"] for r in records], n, batch_size=c.batch_size,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
                                    device=device)
-        answers = [chains.parse_completion(t)[1] for t in texts]
+        answers = [answer_of(t, self._reader) for t in texts]
 
         def scored_by(scorer: PRMScorer | None) -> list[list[float]] | None:
             # a reward model reads the problem in its own tokenizer's format (records hold the policy's prompts)
@@ -469,7 +623,7 @@ class Reasoning(Eval):
                              c.batch_size, c.max_new_tokens, device)
         correct = []
         for r, t in zip(records, texts):
-            answer = answer_of(t)
+            answer = answer_of(t, self._reader)
             correct.append(float(answer is not None and bool(chains.check_answer(answer, r["gold_answer"]))))
         scalars["user_accuracy"] = mean(correct)
         scalars["user_num_examples"] = len(records)
@@ -481,6 +635,15 @@ class Reasoning(Eval):
     def _records(self, length: int) -> list[dict]:
         return held_out_records(self.config, length, "reasoning")
 
+    def user_turn(self, prompt: str) -> str:
+        """What the model is asked for a problem's plain ``prompt`` (``Q:...\\n``): the prompt itself, or with
+        ``instruct`` the instruction around it (:func:`instruction_text`; then written in the chat template by
+        :func:`evals.lm.format_prompt`)."""
+        c = self.config
+        return instructed(instruction_text(c.instruction, c.modulus), prompt) if c.instruct else prompt
+
     def _answer_tokens(self, tokenizer: Any) -> int:
-        """Tokens to decode after a forced ``A:``: the longest answer's tokens and the line end, plus one."""
-        return len(tokenizer(str(self.config.modulus - 1), add_special_tokens=False)["input_ids"]) + 2
+        """Tokens to decode after a forced ``A:``: the longest answer's tokens and the line end, plus one; the
+        ``prose`` reader gets 8 more (a chat answer may restate the sum, ``A: 4+5 = 9``)."""
+        n = len(tokenizer(str(self.config.modulus - 1), add_special_tokens=False)["input_ids"]) + 2
+        return n + 8 if self._reader == "prose" else n

@@ -17,12 +17,17 @@ import llm_limits.evals.reasoning
 from llm_limits.evals import EVALS, EvalResult, LimitSpec, read_limit
 from llm_limits.evals.lm import PRMScorer, Sampler, cut_after_answer, decode_texts, majority_vote, pick_best
 from llm_limits.evals.reasoning import (
+    INSTRUCTION,
     Reasoning,
     ReasoningConfig,
     early_answer_bucket,
     early_answer_prompt,
     filler_prompt,
+    instruction_text,
     mediation_outcome,
+    prose_step,
+    read_chain,
+    read_prose,
     score_chain,
 )
 from llm_limits.evals.tasks import chains
@@ -64,6 +69,65 @@ def test_score_chain_on_hand_made_completions():
     # no answer line: wrong; "09" is not "9"
     assert score_chain(record, "3+4=7\n7*2=4")["answer"] is None
     assert not score_chain(record, "3+4=7\n7*2=4")["correct"] and not score_chain(record, "A:09")["correct"]
+
+
+@pytest.mark.parametrize("completion, steps, answer", [
+    ("3+4=7\n7*2=4\n4-5=9\nA:9", ["3+4=7", "7*2=4", "4-5=9"], "9"),            # the task's own format
+    ("Sure! Step by step:\nStep 1: 3 + 4 = 7\nStep 2: 7 * 2 = 4.\n- 4-5=9\nA: 9", ["3+4=7", "7*2=4", "4-5=9"], "9"),
+    ("3+4=7\n7*2=4\n4-5=9\nSo the answer is 9.", ["3+4=7", "7*2=4", "4-5=9"], "9"),  # no A: line
+    ("A: 3+4*2-5 = 9\nThe answer is 4.", [], "9"),                             # the first A: line with a number
+    ("A:\nLet me think.\n3+4=7\nA: 7", ["3+4=7"], "7"),                      # an empty A: line is skipped
+    ("A:3+4*2-5", [], None),                                                   # restating the problem is no answer
+    ("3+4*2=14\n1. 7x2=4\nThe result: 9", [], None),                           # neither a step nor an answer
+    ("The answer is 9.\nThe answer is 5.", [], "5"),                           # the last "answer is N"
+    ("A: -1", [], "-1"),
+])
+def test_prose_reader_on_hand_made_completions(completion, steps, answer):
+    assert read_prose(completion) == read_chain(completion, "prose") == (steps, answer)
+
+
+def test_prose_reader_against_the_exact_one():
+    record = chains.make_record("3+4*2-5")  # gold: 3+4=7, 7*2=4, 4-5=9, A:9
+    prose = "Let me compute it.\n3 + 4 = 7\n7 * 2 = 4\n4 - 5 = 9\nThe answer is 9."
+    assert score_chain(record, prose, "prose") == {"steps": ["3+4=7", "7*2=4", "4-5=9"], "answer": "9",
+                                                    "correct": True, "valid_steps": 3, "step_slots": 3}
+    exact = score_chain(record, prose)
+    assert (exact["correct"], exact["valid_steps"], exact["step_slots"]) == (False, 0, 5)
+    # the prose reader scores the task's own format exactly as the exact reader does
+    for text in ("3+4=7\n7*2=4\n4-5=9\nA:9\nQ:1+1", "3+4=8\n7*2=4\nA:9", "A:9", "3+4=7"):
+        assert score_chain(record, text, "prose") == score_chain(record, text)
+    assert prose_step("7*2=4") == "7*2=4" and prose_step("7 × 2 = 4") == "7*2=4" and prose_step("4-5=9 then") is None
+
+
+def test_instruction_text():
+    assert "{task}" in INSTRUCTION and "{modulus}" in INSTRUCTION and "{example}" in INSTRUCTION
+    text = instruction_text(INSTRUCTION, 10)
+    assert "modulo 10" in text and "Q:3+4*2-5\n3+4=7\n7*2=4\n4-5=9\nA:9" in text and text.endswith("\n\n{task}")
+    seven = instruction_text("{example}", 7)  # the example is computed at the eval's modulus: 7*2=14 -> 0
+    assert seven == "Q:3+4*2-5\n3+4=0\n0*2=0\n0-5=2\nA:2"
+    assert instruction_text("{example}", 3) == "Q:0+1*2-2\n0+1=1\n1*2=2\n2-2=0\nA:0"  # numbers taken mod 3
+
+
+def test_prose_chains_end_to_end(tokenizer, monkeypatch):
+    """Gold chains written as chat prose: the prose reader scores them right, the exact reader wrong; the note says
+    which reader was used."""
+    def prose(model, tok, prompts, *args, **kwargs):
+        out = []
+        for prompt in prompts:
+            question = prompt[prompt.rindex(chains.PROMPT_PREFIX) + 2:].split("\n")[0]
+            steps, answer = chains.gold_steps(question)
+            out.append("Sure!\n" + "\n".join(f"Step {i + 1}: {s.replace('=', ' = ')}" for i, s in enumerate(steps))
+                       + f"\nSo the answer is {answer}.")
+        return out
+
+    monkeypatch.setattr(evals.reasoning, "decode_texts", prose)
+    config = dict(SMALL, mediation=False, probes=False)
+    read = Reasoning(ReasoningConfig(**config, reader="prose")).run(None, tokenizer, progress=False)
+    assert read.curve == {2.0: 1.0, 3.0: 1.0} and read.scalars["step_validity"] == 1.0
+    assert any("answers read by the prose reader" in n for n in read.notes)
+    exact = Reasoning(ReasoningConfig(**config)).run(None, tokenizer, progress=False)
+    assert exact.curve == {2.0: 0.0, 3.0: 0.0} and exact.scalars["step_validity"] == 0.0
+    assert not any("reader" in n for n in exact.notes)
 
 
 def test_mediation_pieces():
@@ -136,6 +200,10 @@ def test_spec():
         ({"best_of_n": -1}, "best_of_n must be >= 0"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"reader": "contains"}, r"^reasoning: reader must be one of auto, exact, prose \(got 'contains'\)$"),
+        ({"instruction": "Solve it."}, r"^reasoning: instruction must contain \{task\}, where the task's prompt goes$"),
+        ({"instruct": True, "prompt_format": "plain"}, r"^reasoning: instruct writes chat prompts, but prompt_format "
+                                                       r"is plain; use auto or chat, or leave instruct false$"),
     ],
 )
 def test_invalid_config_is_a_one_line_value_error(kwargs, match):
