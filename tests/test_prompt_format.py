@@ -28,9 +28,12 @@ from llm_limits.evals import EVALS, EvalResult
 from llm_limits.evals.base import FieldError
 from llm_limits.evals.context import Context, ContextConfig, needle_attention, needle_tokens
 from llm_limits.evals.hallucination import Hallucination, HallucinationConfig
-from llm_limits.evals.lm import (PRMScorer, format_prompt, own_prompt_format, resolve_prompt_format, step_positions)
+from llm_limits.evals.lm import (PRMScorer, format_prompt, instructed, own_prompt_format, resolve_prompt_format,
+                                 step_positions)
 from llm_limits.evals.prm import ProcessReward, ProcessRewardConfig
-from llm_limits.evals.reasoning import Reasoning, ReasoningConfig
+from llm_limits.evals.reasoning import INSTRUCTION as REASONING_INSTRUCTION
+from llm_limits.evals.reasoning import Reasoning, ReasoningConfig, instruction_text
+from llm_limits.evals.retrieval import INSTRUCTION as RETRIEVAL_INSTRUCTION
 from llm_limits.evals.retrieval import Retrieval, RetrievalConfig
 from llm_limits.evals.tasks import chains, kb
 from llm_limits.evals.tasks.ruler import prompt_text
@@ -164,9 +167,11 @@ def test_positional_loss_result_says_plain(chat_tok):
 
 
 # --- every eval: the prompts it decodes from -------------------------------------------------------------------------
-def recorded_prompts(name: str, tokenizer: Any, fmt: str, monkeypatch) -> tuple[list[str], list[str], str]:
+def recorded_prompts(
+    name: str, tokenizer: Any, fmt: str, monkeypatch, **extra: Any,
+) -> tuple[list[str], list[str], str]:
     """``(prompts the model was given, the task's plain prompts, result.prompt_format)`` of one small run of ``name``
-    whose model calls are recorded (and answered with nothing)."""
+    whose model calls are recorded (and answered with nothing); ``extra``: more config fields (reasoning, retrieval)."""
     seen: list[str] = []
 
     def decode(model, tok, prompts, *args, **kwargs):
@@ -182,7 +187,7 @@ def recorded_prompts(name: str, tokenizer: Any, fmt: str, monkeypatch) -> tuple[
     elif name == "reasoning":
         monkeypatch.setattr(evals.reasoning, "decode_texts", decode)
         ev = Reasoning(ReasoningConfig(lengths=[2, 3], examples_per_length=3, mediation=False, probes=False,
-                                       prompt_format=fmt))
+                                       prompt_format=fmt, **extra))
         result = ev.run(None, tokenizer, progress=False)
         plain = [r["prompt"] for n in (2, 3) for r in ev._records(n)]
     elif name == "prm":
@@ -195,7 +200,7 @@ def recorded_prompts(name: str, tokenizer: Any, fmt: str, monkeypatch) -> tuple[
         result = ev.run(SimpleNamespace(config=SimpleNamespace(num_labels=1)), tokenizer, progress=False)
         plain = [r["prompt"] for n in (2, 3) for r in evals.lm.processbench_records(ev.config, n, "prm")]
     elif name == "retrieval":
-        ev = Retrieval(RetrievalConfig(**SCRIPTED, prompt_format=fmt))
+        ev = Retrieval(RetrievalConfig(**SCRIPTED, prompt_format=fmt, **extra))
         ev.answer = lambda model, tok, prompts, device="cpu": decode(model, tok, prompts)
         result = ev.run(None, tokenizer, progress=False)
         plain = [c.prompt for part in ("distractors", "budget", "position", "poison", "negative")
@@ -227,6 +232,25 @@ def test_chat_wraps_every_prompt_as_one_user_turn(name, chat_tok, monkeypatch):
     assert fmt == "chat" and seen == [HEAD + p + GEN for p in plain]
     seen, plain, fmt = recorded_prompts(name, chat_tok, "plain", monkeypatch)
     assert fmt == "plain" and seen == plain
+
+
+@pytest.mark.parametrize("name", ["reasoning", "retrieval"])
+def test_instruct_puts_the_instruction_in_the_chat_turn_only(name, chat_tok, plain_tok, monkeypatch):
+    """With ``instruct`` each chat turn is the eval's instruction around the task's text; ``plain`` is refused (the
+    plain prompts stay the task's text), and so is ``auto`` on a tokenizer without a template."""
+    instruction = (instruction_text(REASONING_INSTRUCTION, 10) if name == "reasoning" else RETRIEVAL_INSTRUCTION)
+    seen, plain, fmt = recorded_prompts(name, chat_tok, "auto", monkeypatch, instruct=True)
+    assert fmt == "chat" and seen == [HEAD + instructed(instruction, p) + GEN for p in plain]
+    assert all(p in turn and turn != HEAD + p + GEN for p, turn in zip(plain, seen))
+    custom = "Please answer.\n{task}"
+    seen, plain, _ = recorded_prompts(name, chat_tok, "chat", monkeypatch, instruct=True, instruction=custom)
+    assert seen == [HEAD + "Please answer.\n" + p + GEN for p in plain]
+    seen, plain, fmt = recorded_prompts(name, chat_tok, "plain", monkeypatch)  # instruct off: the task's text
+    assert fmt == "plain" and seen == plain and not any("Please" in p or "Answer the" in p for p in seen)
+    with pytest.raises(ValueError, match=rf"^{name}: instruct writes chat prompts, but prompt_format is plain"):
+        recorded_prompts(name, chat_tok, "plain", monkeypatch, instruct=True)
+    with pytest.raises(FieldError, match=r"^instruct: true needs a chat prompt"):
+        recorded_prompts(name, plain_tok, "auto", monkeypatch, instruct=True)
 
 
 @pytest.mark.parametrize("name", PROMPT_EVALS)
@@ -276,6 +300,18 @@ def test_reasoning_oracle_scores_the_same_in_chat(chat_tok, plain_tok):
     assert chat.prompt_format == "chat" and plain.prompt_format == "plain"
     assert chat.curve == plain.curve == {2.0: 1.0, 3.0: 1.0, 4.0: 1.0}
     assert chat.scalars == plain.scalars and chat.series == plain.series and chat.scalars["mediation"] == 1.0
+
+
+def test_reasoning_oracle_scores_the_same_instructed(chat_tok, plain_tok):
+    """The instructed chat prompts, read by the prose reader: the scripted solver (which finds its problem after the
+    instruction's worked example) gives plain's numbers, probes included."""
+    config = dict(lengths=[2, 3, 4], examples_per_length=4, max_new_tokens=32)
+    chat = Reasoning(ReasoningConfig(**config, instruct=True)).run(ChatOnly(ChainOracle(chat_tok), chat_tok), chat_tok,
+                                                                   progress=False)
+    plain = Reasoning(ReasoningConfig(**config)).run(ChainOracle(plain_tok), plain_tok, progress=False)
+    assert chat.curve == plain.curve == {2.0: 1.0, 3.0: 1.0, 4.0: 1.0}
+    assert chat.scalars == plain.scalars and chat.series == plain.series and chat.scalars["mediation"] == 1.0
+    assert chat.notes == plain.notes + [chat.notes[-1]] and "prose reader" in chat.notes[-1]
 
 
 def test_step_positions_after_the_wrapping(chat_tok):
@@ -480,3 +516,28 @@ def test_smollm2_context_auto_is_chat(tmp_path):
     assert tok.decode(ids).startswith("<|im_start|>system") and ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3
     assert record["context"][record["needle_spans"][0][0]:record["needle_spans"][0][1]] in tok.decode(
         [i for i, m in zip(ids, needle) if m])
+
+
+@pytest.mark.slow
+def test_smollm2_instructed_retrieval_and_reasoning():
+    """The chat versions on the real model: the instruction goes through its template and check(), the readers run,
+    and the result says how the prompts were written and read (a few prompts: the numbers are docs/results.md's)."""
+    from llm_limits.trainers.build import pretrained
+
+    name = "smollm2-135m-instruct"
+    if not pretrained.is_ready(name):
+        pytest.skip(f"{name} is not pulled here ({pretrained.model_dir(name)}); `llm-limits models pull {name}` "
+                    f"makes it (test_pretrained.py pulls its own copy)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(pretrained.model_dir(name))
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    retrieval = Retrieval(RetrievalConfig(examples=4, distractors=[0, 2], budgets=[], position_distractors=0,
+                                          poison_counts=[2], negative_distractors=2, max_new_tokens=24, instruct=True))
+    reasoning = Reasoning(ReasoningConfig(lengths=[2], examples_per_length=4, max_new_tokens=24, instruct=True))
+    for ev, reader in ((retrieval, "contains"), (reasoning, "prose")):
+        ev.check(model, tok)
+        result = ev.run(model, tok, progress=False)
+        assert result.prompt_format == "chat" and all(0.0 <= v <= 1.0 for v in result.curve.values())
+        assert any(f"answers read by the {reader} reader" in n for n in result.notes)
