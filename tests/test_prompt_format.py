@@ -489,8 +489,9 @@ def test_a_chat_fine_tune_and_its_eval_end_to_end(tmp_path, chat_tok):
 
 
 # --- the real model (slow): one eval, 2 examples, auto vs plain ------------------------------------------------------
-@pytest.mark.slow
-def test_smollm2_context_auto_is_chat(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer, from the pulled cache (skips when it is not pulled)."""
     from llm_limits.trainers.build import pretrained
 
     name = "smollm2-135m-instruct"
@@ -501,7 +502,12 @@ def test_smollm2_context_auto_is_chat(tmp_path):
 
     path = str(pretrained.model_dir(name))
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval(), tok
+
+
+@pytest.mark.slow
+def test_smollm2_context_auto_is_chat(smollm2):
+    model, tok = smollm2
     results = {}
     for fmt in ("auto", "plain"):
         ev = Context(ContextConfig(lengths=[64], depths=[0.5], examples_per_cell=2, batch_size=2, attention_mass=True,
@@ -519,20 +525,10 @@ def test_smollm2_context_auto_is_chat(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_instructed_retrieval_and_reasoning():
+def test_smollm2_instructed_retrieval_and_reasoning(smollm2):
     """The chat versions on the real model: the instruction goes through its template and check(), the readers run,
     and the result says how the prompts were written and read (a few prompts: the numbers are docs/results.md's)."""
-    from llm_limits.trainers.build import pretrained
-
-    name = "smollm2-135m-instruct"
-    if not pretrained.is_ready(name):
-        pytest.skip(f"{name} is not pulled here ({pretrained.model_dir(name)}); `llm-limits models pull {name}` "
-                    f"makes it (test_pretrained.py pulls its own copy)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = str(pretrained.model_dir(name))
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    model, tok = smollm2
     retrieval = Retrieval(RetrievalConfig(examples=4, distractors=[0, 2], budgets=[], position_distractors=0,
                                           poison_counts=[2], negative_distractors=2, max_new_tokens=24, instruct=True))
     reasoning = Reasoning(ReasoningConfig(lengths=[2], examples_per_length=4, max_new_tokens=24, instruct=True))
