@@ -14,7 +14,9 @@ every point of an eval's curve or named scalar after training, the number of que
         --metric retrieval:accuracy@0 --metric retrieval:accuracy@2 --metric retrieval:accuracy@4 \
         --metric hallucination:hallucination_rate
 
-`--n EVAL=N` sets the questions per cell where the scalars do not say (retrieval: `num_questions`, every point).
+`--n EVAL=N` sets the questions per cell where the scalars do not say (retrieval: `num_questions`, every point);
+`--n EVAL:SCALAR=N` one metric's (reasoning: `accuracy@k` is over `examples_per_length`, `accuracy` over all lengths),
+and a scalar's own count `SCALAR_n` (reasoning's `mediation_n`) is used when there is one.
 """
 
 from __future__ import annotations
@@ -68,14 +70,20 @@ def rate_of(run: Path, eval_name: str, metric: str, phase: str) -> float:
                      f"(has: {', '.join(sorted(e.get('scalars', {})))})")
 
 
-def n_of(run: Path, eval_name: str, given: dict[str, int]) -> int:
+def n_of(run: Path, eval_name: str, metric: str, given: dict[str, int]) -> int:
+    """Questions behind one rate: ``--n EVAL:SCALAR=N``, else the eval's own ``SCALAR_n`` scalar (the reasoning
+    eval's ``mediation_n``), else ``--n EVAL=N``, else the eval's ``num_questions``."""
+    if f"{eval_name}:{metric}" in given:
+        return given[f"{eval_name}:{metric}"]
+    scalars = json.loads((run / "results.json").read_text())["evals"][eval_name]["after"].get("scalars", {})
+    if f"{metric}_n" in scalars:
+        return int(scalars[f"{metric}_n"])
     if eval_name in given:
         return given[eval_name]
-    scalars = json.loads((run / "results.json").read_text())["evals"][eval_name]["after"].get("scalars", {})
-    for key in ("num_questions",):
-        if key in scalars:
-            return int(scalars[key])
-    raise SystemExit(f"{run}: how many questions stand behind {eval_name}'s rates? pass --n {eval_name}=N")
+    if "num_questions" in scalars:
+        return int(scalars["num_questions"])
+    raise SystemExit(f"{run}: how many questions stand behind {eval_name}:{metric}? pass --n {eval_name}=N "
+                     f"(or --n {eval_name}:{metric}=N)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="run directories of the arms")
     ap.add_argument("--control", type=Path, required=True, help="the control arm's run directory")
     ap.add_argument("--metric", action="append", required=True, help="EVAL:SCALAR, e.g. retrieval:accuracy@2")
-    ap.add_argument("--n", action="append", default=[], help="EVAL=N questions per cell where the scalars do not say")
+    ap.add_argument("--n", action="append", default=[],
+                    help="EVAL=N or EVAL:SCALAR=N questions per cell where the scalars do not say")
     ap.add_argument("--phase", default="after", choices=["before", "after"])
     a = ap.parse_args(argv)
     given = {k: int(v) for k, v in (x.split("=", 1) for x in a.n)}
@@ -91,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for m in a.metric:
         ev, metric = m.split(":", 1)
-        n0 = n_of(a.control, ev, given)
+        n0 = n_of(a.control, ev, metric, given)
         p0 = rate_of(a.control, ev, metric, a.phase)
         lo, hi = wilson(p0 * n0, n0)
         print(f"| {m} | {a.control.parent.name} (control) | {p0:.3f} [{lo:.3f}, {hi:.3f}] (n={n0}) | |")
         for run in a.runs:
-            n = n_of(run, ev, given)
+            n = n_of(run, ev, metric, given)
             p = rate_of(run, ev, metric, a.phase)
             lo, hi = wilson(p * n, n)
             d, dl, dh = newcombe(p * n, n, p0 * n0, n0)

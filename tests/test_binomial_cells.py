@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "binomial_cells.py"
 
 
@@ -38,3 +40,17 @@ def test_table_flags_a_difference_outside_its_interval_and_not_one_inside(tmp_pa
     rows = {line.split("|")[2].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| retrieval")}
     assert "**outside 0**" in rows["raft"] and "+0.750" in rows["raft"]
     assert "outside" not in rows["same"]
+
+
+def test_n_per_metric_beats_the_eval_count_and_a_scalars_own_count_is_read(tmp_path: Path):
+    mod = _module()
+    run = tmp_path / "grpo" / "20261205-000000"
+    run.mkdir(parents=True)
+    ev = {"scalars": {"accuracy@2": 0.5, "accuracy": 0.4, "mediation": 0.6, "mediation_n": 148.0}}
+    (run / "results.json").write_text(json.dumps({"evals": {"reasoning": {"before": ev, "after": ev}}}))
+    given = {"reasoning": 32, "reasoning:accuracy": 160}
+    assert mod.n_of(run, "reasoning", "accuracy@2", given) == 32
+    assert mod.n_of(run, "reasoning", "accuracy", given) == 160
+    assert mod.n_of(run, "reasoning", "mediation", given) == 148
+    with pytest.raises(SystemExit, match="--n reasoning=N"):
+        mod.n_of(run, "reasoning", "accuracy@2", {})
