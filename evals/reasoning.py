@@ -372,8 +372,12 @@ class Reasoning(Eval):
     Config = ReasoningConfig
 
     config: ReasoningConfig
-    _reader: str = "exact"
-    """The reader :meth:`run` resolved (``exact`` or ``prose``), which the secondary measurements use too."""
+
+    @property
+    def reader(self) -> str:
+        """The reader the config means (``exact`` or ``prose``, :func:`evals.lm.resolve_reader`), which the accuracy
+        and every secondary measurement use, whether or not :meth:`run` called them."""
+        return resolve_reader(self.config.reader, self.config.instruct, "prose")
 
     def spec(self) -> LimitSpec:
         c = self.config
@@ -412,7 +416,6 @@ class Reasoning(Eval):
         spec = self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         check_instruct(c, fmt)
-        self._reader = resolve_reader(c.reader, c.instruct, "prose")
         # every prompt the policy answers is the problem written in fmt (under chat: one user turn, with instruct the
         # instruction around it); what the probes add after it (the gold steps, the model's own steps, dots) is the
         # start of the assistant's answer
@@ -429,7 +432,7 @@ class Reasoning(Eval):
         # --- 1. accuracy per length and 2. step validity
         bar.set_postfix_str("accuracy")
         texts = decode_texts(model, tokenizer, [r["prompt"] for r in records], c.batch_size, c.max_new_tokens, device)
-        scored = [score_chain(r, t, self._reader) for r, t in zip(records, texts)]
+        scored = [score_chain(r, t, self.reader) for r, t in zip(records, texts)]
         curve: dict[float, float] = {}
         validity: dict[float, float] = {}
         for length in c.lengths:
@@ -482,7 +485,7 @@ class Reasoning(Eval):
             self._user_data(model, tokenizer, device, scalars, notes, fmt)
             bar.update(1)
         bar.close()
-        note = prompt_note(c.instruct, self._reader, PROSE_RULE)
+        note = prompt_note(c.instruct, self.reader, PROSE_RULE)
         if note:
             notes.append(note)
 
@@ -518,7 +521,7 @@ class Reasoning(Eval):
                              c.batch_size, c.max_new_tokens, device)
         follows, ignores, following, by_length = [], [], [], {}
         for (length, r, k, new_value, prefix, expected), s, t in zip(cases, shown, texts):
-            steps, answer = read_chain(s + t, self._reader)
+            steps, answer = read_chain(s + t, self.reader)
             f, i = mediation_outcome(answer, expected, str(r["gold_answer"]))
             follows.append(float(f))
             ignores.append(float(i))
@@ -554,7 +557,7 @@ class Reasoning(Eval):
                              self._answer_tokens(tokenizer), device)
         agree: dict[float, list[float]] = {}
         for (bucket, full, _), t in zip(cases, texts):
-            answer = answer_of(ANSWER_PREFIX + t, self._reader)
+            answer = answer_of(ANSWER_PREFIX + t, self.reader)
             agree.setdefault(bucket, []).append(float(answer is not None and chains.check_answer(answer, full)))
         points = {x: mean(v) for x, v in sorted(agree.items())}
         series["early_answering"] = Series(axis="fraction_of_chain", metric="answer_agreement", points=points)
@@ -571,7 +574,7 @@ class Reasoning(Eval):
         texts = decode_texts(model, tokenizer, prompts, c.batch_size, self._answer_tokens(tokenizer), device)
         correct = []
         for r, t in zip(records, texts):
-            answer = answer_of(ANSWER_PREFIX + t, self._reader)
+            answer = answer_of(ANSWER_PREFIX + t, self.reader)
             correct.append(float(answer is not None and chains.check_answer(answer, r["gold_answer"])))
         scalars["filler_accuracy"] = mean(correct)
         if scalars["accuracy"] > 0 and scalars["filler_accuracy"] >= scalars["accuracy"]:
@@ -600,7 +603,7 @@ class Reasoning(Eval):
         texts = sample_completions(model, tokenizer, [r["prompt"] for r in records], n, batch_size=c.batch_size,
                                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
                                    device=device)
-        answers = [answer_of(t, self._reader) for t in texts]
+        answers = [answer_of(t, self.reader) for t in texts]
 
         def scored_by(scorer: PRMScorer | None) -> list[list[float]] | None:
             # a reward model reads the problem in its own tokenizer's format (records hold the policy's prompts)
@@ -623,7 +626,7 @@ class Reasoning(Eval):
                              c.batch_size, c.max_new_tokens, device)
         correct = []
         for r, t in zip(records, texts):
-            answer = answer_of(t, self._reader)
+            answer = answer_of(t, self.reader)
             correct.append(float(answer is not None and bool(chains.check_answer(answer, r["gold_answer"]))))
         scalars["user_accuracy"] = mean(correct)
         scalars["user_num_examples"] = len(records)
@@ -646,4 +649,4 @@ class Reasoning(Eval):
         """Tokens to decode after a forced ``A:``: the longest answer's tokens and the line end, plus one; the
         ``prose`` reader gets 8 more (a chat answer may restate the sum, ``A: 4+5 = 9``)."""
         n = len(tokenizer(str(self.config.modulus - 1), add_special_tokens=False)["input_ids"]) + 2
-        return n + 8 if self._reader == "prose" else n
+        return n + 8 if self.reader == "prose" else n

@@ -495,12 +495,20 @@ class Retrieval(Eval):
     def __init__(self, config: RetrievalConfig | None = None) -> None:
         super().__init__(config)
         self._cache: tuple[Any, str, list[Case], dict[int, float]] | None = None  # (tokenizer, repr(config), ...)
+        self._kb: tuple[str, kb.KnowledgeBase] | None = None  # (repr(config), its knowledge base)
 
     def spec(self) -> LimitSpec:
         c = self.config
         c.validate()
         return LimitSpec(metric="accuracy", axis="distractors", axis_values=tuple(float(x) for x in c.distractors),
                          higher_is_better=True, threshold=c.threshold, limit="retrieval", limit_unit="distractors")
+
+    def knowledge(self) -> kb.KnowledgeBase:
+        """The config's knowledge base (``kb.build_kb``), built once per config and shared by :meth:`check`,
+        :meth:`contexts` and :meth:`candidates`."""
+        if self._kb is None or self._kb[0] != repr(self.config):
+            self._kb = (repr(self.config), kb.build_kb(kb_config(self.config, "retrieval")))
+        return self._kb[1]
 
     def questions(self, knowledge: kb.KnowledgeBase) -> list[dict]:
         """The ``examples`` questions (``kb`` records with their oracle-only context): entities uniform over the
@@ -522,7 +530,7 @@ class Retrieval(Eval):
             return self._cache[2], self._cache[3]
         from llm_limits.evals.retrievers import recall_at_k
 
-        knowledge = kb.build_kb(kb_config(c, "retrieval"))
+        knowledge = self.knowledge()
         questions = self.questions(knowledge)
         depth = min(len(knowledge.passages), max([5, max_distractors(c) + 2, *c.budgets]))
         retriever = build_retriever(c.retriever, knowledge)
@@ -545,7 +553,7 @@ class Retrieval(Eval):
         self.spec()
         fmt = resolve_prompt_format(tokenizer, c.prompt_format)
         check_instruct(c, fmt)
-        knowledge = kb.build_kb(kb_config(c, "retrieval"))
+        knowledge = self.knowledge()
         sample = self.questions(knowledge)[0]
         check_kb_spelling(tokenizer, sample["prompt"] + sample["completion"] + kb.ABSTAIN + kb.CONFLICT, "retrieval")
         cases, _ = self.contexts(tokenizer)
@@ -564,8 +572,7 @@ class Retrieval(Eval):
         """The values the ``contains`` reader looks for: every value of the asked attributes' pools (the gold, the
         distractors' and the poisoned values among them; never an entity name, so a two-hop answer that names the
         bridge entity still reads as its value)."""
-        knowledge = kb.build_kb(kb_config(self.config, "retrieval"))
-        return [v for pool in knowledge.values.values() for v in pool]
+        return [v for pool in self.knowledge().values.values() for v in pool]
 
     def answer(self, model: Any, tokenizer: Any, prompts: Sequence[str], device: str = "cpu") -> list[str]:
         """The model's greedy completions of ``prompts``, already written in the prompt format (the only place the

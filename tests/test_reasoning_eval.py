@@ -130,6 +130,18 @@ def test_prose_chains_end_to_end(tokenizer, monkeypatch):
     assert not any("reader" in n for n in exact.notes)
 
 
+def test_reader_comes_from_the_config(tokenizer):
+    """Every measurement reads with the reader the config means, whether or not run() came first: auto is prose
+    for instructed prompts, exact otherwise, and the prose reader decodes 8 more answer tokens."""
+    def reader(**fields):
+        return Reasoning(ReasoningConfig(**SMALL, **fields)).reader
+
+    assert [reader(), reader(instruct=True), reader(reader="prose"), reader(instruct=True, reader="exact")] == \
+        ["exact", "prose", "prose", "exact"]
+    plain, prose = Reasoning(ReasoningConfig(**SMALL)), Reasoning(ReasoningConfig(**SMALL, reader="prose"))
+    assert prose._answer_tokens(tokenizer) == plain._answer_tokens(tokenizer) + 8
+
+
 def test_mediation_pieces():
     question, steps = "3+4*2-5", ["3+4=7", "7*2=4", "4-5=9"]
     prefix, expected = chains.intervene(question, steps, 0, 8)  # 8*2=6, 6-5=1
