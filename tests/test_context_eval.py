@@ -4,6 +4,7 @@ batching, the attention-mass measurement and the full run, on tiny models built 
 from __future__ import annotations
 
 import doctest
+import functools
 import json
 import math
 import re
@@ -180,6 +181,38 @@ def test_greedy_decode_matches_transformers_generate(tokenizer):
     ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          do_sample=False, max_new_tokens=5, pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref[: len(ours)] and len(ours) >= 1
+
+
+def test_decode_asks_for_the_last_logits_only(tokenizer, monkeypatch):
+    """A transformers causal LM, bare, under LoRA or inside a Sampler, is asked for its last position's logits only;
+    the left-padded batch decodes to the same tokens as with every position's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from llm_limits.evals import lm
+
+    model = tiny("llama", len(tokenizer), init=0.5).eval()
+    lora = get_peft_model(tiny("llama", len(tokenizer), init=0.5), LoraConfig(r=2, target_modules=["q_proj"])).eval()
+    sampler = lm.Sampler(model, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert lm.keeps_last_logits(model) and lm.keeps_last_logits(lora) and lm.keeps_last_logits(sampler)
+    assert not lm.keeps_last_logits(torch.nn.Linear(2, 2))  # forward(input): nothing to ask
+    seen = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # keeps forward's signature, which is what keeps_last_logits reads
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape)))
+        return out
+
+    prompts = [tokenizer(prompt_text(r))["input_ids"] for r in records_of_mixed_lengths()[:3]]
+    monkeypatch.setattr(type(model), "forward", spy)
+    kept = greedy_decode(model, prompts, max_new_tokens=4, pad_id=0)
+    assert seen and all(keep == 1 and shape[1] == 1 for keep, shape in seen)  # the prefill too: [batch, 1, vocab]
+    monkeypatch.setattr(lm, "keeps_last_logits", lambda m: False)
+    seen.clear()
+    full = greedy_decode(model, prompts, max_new_tokens=4, pad_id=0)
+    assert seen[0][0] is None and seen[0][1][1] == max(len(p) for p in prompts)
+    assert kept == full and any(kept)
 
 
 # --- attention mass ----------------------------------------------------------------------------------------------------
