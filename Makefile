@@ -48,13 +48,14 @@ fuzz: $(STAMP)  ## the recipe fuzzer at full size: FUZZ_EXAMPLES (5000) mutated 
 validate: $(STAMP)  ## validate every recipe
 	$(VENV)/bin/llm-limits validate $$(find recipes -name '*.yaml' | sort)
 
-bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, framework overhead (Lightning, TRL), ZeRO-3 memory, packing, sequence-parallel memory per rank
+bench: $(STAMP)  ## benchmarks (not tests): curriculum time-to-loss, context-eval throughput, long-prompt decoding, framework overhead (Lightning, TRL), ZeRO-3 memory, packing, sequence-parallel memory per rank
 	$(PY) scripts/bench_curriculum.py
 	$(PY) scripts/bench_overhead.py
 	$(PY) scripts/bench_trl_overhead.py
 	$(PY) scripts/bench_zero_memory.py
 	$(PY) scripts/bench_packing.py
 	$(PY) scripts/bench_sp_memory.py
+	$(PY) scripts/bench_decode.py
 
 clean:  ## remove run outputs (not the venv)
 	rm -rf runs wandb lightning_logs .pytest_cache
