@@ -7,7 +7,8 @@ prompt position, ``[batch, prompt, vocab]`` floats, to read the last row of each
 decoding (4 left-padded prompts, 6 new tokens) on SmolLM2-135M's architecture (30 layers, hidden 576, 9 heads of
 which 3 key/value, tied embeddings), randomly initialised so nothing needs pulling: the cost does not depend on the
 weights. The arms alternate (A B A B) and the ratio printed is the median of full / last-only wall time, pair by pair;
-both arms must decode the same tokens.
+both arms must decode the same tokens. Then the seconds per prompt of the same prompts decoded as a left-padded batch
+(the eval's way), as a batch cut to one length, and one at a time.
 
 Usage: .venv/bin/python scripts/bench_decode.py [--prompt-len 2048] [--batch 4] [--new-tokens 6] [--repeats 3]
        [--threads 2]
@@ -84,6 +85,19 @@ def main() -> None:
         print(f"repeat {rep + 1}: every position's logits {full:.2f} s, the last only {last:.2f} s, x{full / last:.2f}")
     print(f"greedy decoding, logits_to_keep=1 vs every position's logits: x{statistics.median(ratios):.2f} faster "
           f"(median of {len(ratios)} pairs)")
+    # How the eval batches long prompts: the left-padded batch above, the same batch at one length (no padding mask,
+    # so sdpa can take its causal path), and one prompt at a time; seconds per prompt, logits_to_keep on.
+    equal = [p[: len(prompts[-1])] for p in prompts]
+    per_prompt = {"left-padded batch": [], "batch of equal lengths": [], "one prompt at a time": []}
+    for _ in range(args.repeats):
+        per_prompt["left-padded batch"].append(decode(model, prompts, args.new_tokens, True)[0] / len(prompts))
+        per_prompt["batch of equal lengths"].append(decode(model, equal, args.new_tokens, True)[0] / len(equal))
+        per_prompt["one prompt at a time"].append(
+            sum(decode(model, [p], args.new_tokens, True)[0] for p in prompts) / len(prompts))
+    base = statistics.median(per_prompt["left-padded batch"])
+    for name, times in per_prompt.items():
+        print(f"{name}: {statistics.median(times):.2f} s per prompt (median of {len(times)}), "
+              f"x{base / statistics.median(times):.2f} vs the left-padded batch")
 
 
 if __name__ == "__main__":
