@@ -41,7 +41,7 @@ SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 15
 def decode(model, prompts, new_tokens: int, last_only: bool) -> tuple[float, list[list[int]]]:
     """Wall seconds of one ``greedy_decode`` call, with ``logits_to_keep`` on or off, and its tokens."""
     keep = lm.keeps_last_logits
-    lm.keeps_last_logits = (lambda m: keep(m)) if last_only else (lambda m: False)
+    lm.keeps_last_logits = keep if last_only else (lambda m: False)
     try:
         t0 = time.perf_counter()
         out = lm.greedy_decode(model, prompts, new_tokens, pad_id=0)
